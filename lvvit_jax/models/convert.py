@@ -1,0 +1,214 @@
+"""Import of the authors' PyTorch LV-ViT checkpoints into Flax variables.
+
+    variables = load_torch_checkpoint('lvvit_s-26M-224-83.3.pth.tar', 'lvvit_s')
+    model = create_model('lvvit_s')          # num_classes / img_size as in the checkpoint
+    logits = model.apply(variables, images)
+
+The checkpoint is a dict holding the state dict directly or under `state_dict`,
+`state_dict_ema` or `model` (EMA preferred when both are present), keys possibly prefixed with
+`module.`. Every key is accounted for: unexpected or missing keys and shape mismatches raise
+`CheckpointMismatchError` listing them; nothing is loaded partially.
+
+Overrides: `img_size` different from the checkpoint's resamples the position-embedding grid
+bicubically (the cls position is kept); `num_classes` different from the checkpoint's drops
+both heads, which are then freshly initialised. Without overrides both are read off the
+checkpoint. PyTorch is needed here only (lazily imported), never in the model itself.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lvvit_jax.models import create_model
+from lvvit_jax.models import get_config
+
+STATE_DICT_KEYS = ('state_dict_ema', 'state_dict', 'model')
+HEAD_KEYS = ('head', 'aux_head')
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint does not fit the model: lists missing/unexpected keys and bad shapes."""
+
+
+def _torch_load(path: str) -> Mapping[str, Any]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        'lvvit_jax/models/convert.py: reading a PyTorch checkpoint needs torch; install the CPU '
+        'build (`pip install torch==2.13.0` or `pip install -r requirements-dev.txt`).') from e
+  obj = torch.load(path, map_location='cpu', weights_only=False)
+  return obj
+
+
+def extract_state_dict(obj: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """The flat state dict of a checkpoint object as float32 NumPy arrays, `module.` stripped."""
+  if not isinstance(obj, Mapping):
+    raise CheckpointMismatchError(
+        f'lvvit_jax/models/convert.py: expected a dict checkpoint, got {type(obj).__name__}.')
+  for key in STATE_DICT_KEYS:
+    if key in obj and isinstance(obj[key], Mapping):
+      obj = obj[key]
+      break
+  out = {}
+  for k, v in obj.items():
+    if k.startswith('module.'):
+      k = k[len('module.'):]
+    if hasattr(v, 'detach'):  # torch.Tensor
+      v = v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+    out[k] = np.asarray(v)
+  return out
+
+
+def _torch_to_flax_name(key: str) -> Optional[Tuple[str, Tuple[str, ...], str]]:
+  """Maps a torch key to (collection, flax path, transform), or None when it is not ours."""
+  if key in ('cls_token', 'pos_embed'):
+    return 'params', (key,), 'none'
+  m = re.fullmatch(r'patch_embed\.(conv[123]|proj)\.(weight|bias)', key)
+  if m:
+    return 'params', ('patch_embed', m[1], 'kernel' if m[2] == 'weight' else 'bias'), (
+        'conv' if m[2] == 'weight' else 'none')
+  m = re.fullmatch(r'patch_embed\.(bn[123])\.(weight|bias|running_mean|running_var)', key)
+  if m:
+    name = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
+            'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}[m[2]]
+    return name[0], ('patch_embed', m[1], name[1]), 'none'
+  m = re.fullmatch(r'blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)', key)
+  if m:
+    return 'params', (f'blocks_{m[1]}', m[2], 'scale' if m[3] == 'weight' else 'bias'), 'none'
+  m = re.fullmatch(r'blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)', key)
+  if m:
+    outer, inner = m[2].split('.')
+    leaf = 'kernel' if m[3] == 'weight' else 'bias'
+    return 'params', (f'blocks_{m[1]}', outer, inner, leaf), 'dense' if leaf == 'kernel' else 'none'
+  m = re.fullmatch(r'(norm)\.(weight|bias)', key)
+  if m:
+    return 'params', ('norm', 'scale' if m[2] == 'weight' else 'bias'), 'none'
+  m = re.fullmatch(r'(head|aux_head)\.(weight|bias)', key)
+  if m:
+    leaf = 'kernel' if m[2] == 'weight' else 'bias'
+    return 'params', (m[1], leaf), 'dense' if leaf == 'kernel' else 'none'
+  return None
+
+
+def _transform(value: np.ndarray, how: str) -> np.ndarray:
+  if how == 'conv':  # (out, in, kh, kw) -> (kh, kw, in, out)
+    return np.transpose(value, (2, 3, 1, 0))
+  if how == 'dense':  # (out, in) -> (in, out)
+    return np.transpose(value, (1, 0))
+  return value
+
+
+def resample_pos_embed(pos_embed: np.ndarray, new_grid: Tuple[int, int]) -> np.ndarray:
+  """Bicubically resamples the (1, 1 + h*w, D) grid part to new_grid; the cls position is kept.
+
+  The old grid is taken as square. Uses `jax.image.resize(method='bicubic')` (Keys cubic,
+  antialiased when shrinking), i.e. a smooth grid stays smooth.
+  """
+  cls_pos, grid_pos = pos_embed[:, :1], pos_embed[0, 1:]
+  old = int(round(np.sqrt(grid_pos.shape[0])))
+  if old * old != grid_pos.shape[0]:
+    raise CheckpointMismatchError(
+        f'lvvit_jax/models/convert.py: pos_embed has {grid_pos.shape[0]} grid positions, not a '
+        f'square grid; cannot resample.')
+  grid_pos = grid_pos.reshape(old, old, -1)
+  new = jax.image.resize(jnp.asarray(grid_pos, jnp.float32),
+                         (new_grid[0], new_grid[1], grid_pos.shape[-1]), method='bicubic')
+  new = np.asarray(new).reshape(1, new_grid[0] * new_grid[1], -1)
+  return np.concatenate([cls_pos, new], axis=1).astype(pos_embed.dtype)
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
+                       **overrides: Any) -> Dict[str, Any]:
+  """Converts a flat PyTorch state dict (NumPy values) to Flax variables for `model_name`."""
+  state_dict = dict(state_dict)
+  state_dict = {k: v for k, v in state_dict.items() if not k.endswith('num_batches_tracked')}
+  # Read num_classes / img_size off the checkpoint unless the caller overrides them.
+  base = get_config(model_name)
+  ckpt_classes = state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else None
+  if 'num_classes' not in overrides and ckpt_classes is not None:
+    overrides['num_classes'] = ckpt_classes
+  ckpt_grid = None
+  if 'pos_embed' in state_dict:
+    n = state_dict['pos_embed'].shape[1] - 1
+    ckpt_grid = int(round(np.sqrt(n)))
+    if 'img_size' not in overrides and ckpt_grid * ckpt_grid == n:
+      patch = overrides.get('patch_size', base.patch_size)
+      overrides['img_size'] = ckpt_grid * patch
+  model = create_model(model_name, **overrides)
+  config = model.config
+  size = config.img_size
+  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, dummy))
+  expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
+  drop_heads = ckpt_classes is not None and ckpt_classes != config.num_classes
+
+  found, unexpected, bad_shapes = {}, [], []
+  for key, value in sorted(state_dict.items()):
+    target = _torch_to_flax_name(key)
+    if target is None:
+      unexpected.append(key)
+      continue
+    collection, path, how = target
+    if drop_heads and path[0] in HEAD_KEYS:
+      continue
+    full = (collection,) + path
+    if full not in expected:
+      unexpected.append(key)
+      continue
+    value = _transform(value, how)
+    want = tuple(expected[full].shape)
+    if key == 'pos_embed' and value.shape != want and value.shape[2] == want[2]:
+      value = resample_pos_embed(value, config.grid)
+    if tuple(value.shape) != want:
+      bad_shapes.append(f'{key}: checkpoint {tuple(value.shape)} vs model {want} at '
+                        f'{"/".join(full)}')
+      continue
+    found[full] = value.astype(np.float32)
+
+  heads = {k for k in expected if k[0] == 'params' and k[1] in HEAD_KEYS}
+  missing = sorted('/'.join(k) for k in expected
+                   if k not in found and not (drop_heads and k in heads))
+  if missing or unexpected or bad_shapes:
+    lines = [f'lvvit_jax/models/convert.py: checkpoint does not fit {model_name} '
+             f'(img_size={config.img_size}, num_classes={config.num_classes}).']
+    if missing:
+      lines.append(f'missing in checkpoint ({len(missing)}): {missing}')
+    if unexpected:
+      lines.append(f'unexpected in checkpoint ({len(unexpected)}): {unexpected}')
+    if bad_shapes:
+      lines.append(f'shape mismatches ({len(bad_shapes)}): {bad_shapes}')
+    lines.append('Check --model matches the checkpoint; use --num-classes to drop the heads and '
+                 '--img-size to resample the position embedding.')
+    raise CheckpointMismatchError('\n'.join(lines))
+
+  if drop_heads:  # Fresh heads for the new class count, initialised as in training.
+    fresh = jax.jit(lambda: model.init({'params': jax.random.key(0)}, dummy))()
+    fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh))
+    for k in heads:
+      found[k] = np.asarray(fresh[k])
+  return flax.traverse_util.unflatten_dict(found)
+
+
+def load_torch_checkpoint(path: str, model_name: str, **overrides: Any) -> Dict[str, Any]:
+  """Reads an official PyTorch checkpoint file and returns Flax variables.
+
+  Returns `{'params': ..., 'batch_stats': ...}` (NumPy float32) for
+  `create_model(model_name, **overrides)`; `num_classes` and `img_size` default to the
+  checkpoint's. Raises CheckpointMismatchError on missing/unexpected keys or shape mismatches.
+  """
+  return convert_state_dict(extract_state_dict(_torch_load(path)), model_name, **overrides)
+
+
+def checkpoint_overrides(variables: Mapping[str, Any], model_name: str) -> Dict[str, int]:
+  """The num_classes and img_size that converted `variables` were built for."""
+  params = variables['params']
+  n = params['pos_embed'].shape[1] - 1
+  patch = get_config(model_name).patch_size
+  grid = int(round(np.sqrt(n)))
+  return {'num_classes': int(params['head']['kernel'].shape[1]), 'img_size': grid * patch}

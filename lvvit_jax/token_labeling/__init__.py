@@ -1,0 +1,12 @@
+"""Token labeling (SPEC sections 2-5) as pure JAX functions that run inside the jitted step.
+
+No TensorFlow and no host work here: the input pipeline hands over the untouched top-k score map
+and one affine per example; targets, MixToken and the loss are built on the accelerator.
+"""
+from lvvit_jax.token_labeling.mixtoken import box_area
+from lvvit_jax.token_labeling.mixtoken import box_mask
+from lvvit_jax.token_labeling.mixtoken import mix_targets
+from lvvit_jax.token_labeling.mixtoken import mix_tokens
+from lvvit_jax.token_labeling.mixtoken import sample_mix_box
+from lvvit_jax.token_labeling.mixtoken import swap_partners
+from lvvit_jax.token_labeling.mixtoken import unmix_tokens

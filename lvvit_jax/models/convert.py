@@ -26,6 +26,7 @@ import numpy as np
 
 from lvvit_jax.models import create_model
 from lvvit_jax.models import get_config
+from lvvit_jax.models.lvvit import dense_init
 
 STATE_DICT_KEYS = ('state_dict_ema', 'state_dict', 'model')
 HEAD_KEYS = ('head', 'aux_head')
@@ -104,6 +105,15 @@ def _transform(value: np.ndarray, how: str) -> np.ndarray:
   return value
 
 
+def _torch_shape(flax_shape: Tuple[int, ...], how: str) -> Tuple[int, ...]:
+  """The PyTorch-layout shape of a Flax parameter (inverse of `_transform`)."""
+  if how == 'conv':  # (kh, kw, in, out) -> (out, in, kh, kw)
+    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+  if how == 'dense':  # (in, out) -> (out, in)
+    return (flax_shape[1], flax_shape[0])
+  return flax_shape
+
+
 def resample_pos_embed(pos_embed: np.ndarray, new_grid: Tuple[int, int]) -> np.ndarray:
   """Bicubically resamples the (1, 1 + h*w, D) grid part to new_grid; the cls position is kept.
 
@@ -161,13 +171,17 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
     if full not in expected:
       unexpected.append(key)
       continue
-    value = _transform(value, how)
+    torch_shape = tuple(value.shape)
     want = tuple(expected[full].shape)
-    if key == 'pos_embed' and value.shape != want and value.shape[2] == want[2]:
+    if value.ndim == len(want):  # Otherwise the transpose would fail: a shape mismatch.
+      value = _transform(value, how)
+    if (key == 'pos_embed' and value.ndim == 3 and value.shape != want
+        and value.shape[2] == want[2]):
       value = resample_pos_embed(value, config.grid)
     if tuple(value.shape) != want:
-      bad_shapes.append(f'{key}: checkpoint {tuple(value.shape)} vs model {want} at '
-                        f'{"/".join(full)}')
+      # Both shapes in the checkpoint's (PyTorch) layout, so they compare with the file.
+      bad_shapes.append(f'{key}: checkpoint {torch_shape} vs model {_torch_shape(want, how)} '
+                        f'at {"/".join(full)}')
       continue
     found[full] = value.astype(np.float32)
 
@@ -187,11 +201,14 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
                  '--img-size to resample the position embedding.')
     raise CheckpointMismatchError('\n'.join(lines))
 
-  if drop_heads:  # Fresh heads for the new class count, initialised as in training.
-    fresh = jax.jit(lambda: model.init({'params': jax.random.key(0)}, dummy))()
-    fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh))
-    for k in heads:
-      found[k] = np.asarray(fresh[k])
+  if drop_heads:
+    # Fresh heads for the new class count, initialised as in training (the model's dense_init
+    # kernels, zero biases). Only the heads: compiling a whole-model init just for them costs
+    # seconds to minutes of XLA time on CPU (one threefry per parameter).
+    for i, k in enumerate(sorted(heads)):
+      shape = expected[k].shape
+      found[k] = (np.asarray(dense_init(jax.random.key(i), shape, jnp.float32))
+                  if k[-1] == 'kernel' else np.zeros(shape, np.float32))
   return flax.traverse_util.unflatten_dict(found)
 
 

@@ -3,6 +3,9 @@
 No TensorFlow and no host work here: the input pipeline hands over the untouched top-k score map
 and one affine per example; targets, MixToken and the loss are built on the accelerator.
 """
+from lvvit_jax.token_labeling.loss import blend_ground_truth
+from lvvit_jax.token_labeling.loss import soft_cross_entropy
+from lvvit_jax.token_labeling.loss import token_label_loss
 from lvvit_jax.token_labeling.mixtoken import box_area
 from lvvit_jax.token_labeling.mixtoken import box_mask
 from lvvit_jax.token_labeling.mixtoken import mix_targets
@@ -10,3 +13,7 @@ from lvvit_jax.token_labeling.mixtoken import mix_tokens
 from lvvit_jax.token_labeling.mixtoken import sample_mix_box
 from lvvit_jax.token_labeling.mixtoken import swap_partners
 from lvvit_jax.token_labeling.mixtoken import unmix_tokens
+from lvvit_jax.token_labeling.targets import label_targets
+from lvvit_jax.token_labeling.targets import pool_topk_logits
+from lvvit_jax.token_labeling.targets import smooth_targets
+from lvvit_jax.token_labeling.targets import token_targets

@@ -192,7 +192,8 @@ def _mismatch(sd, tmp_path, model_name=NAME):
 def test_missing_key_is_named(key, flax_path, state, tmp_path):
   sd = {k: v for k, v in state.items() if k != key}
   message = _mismatch(sd, tmp_path)
-  assert 'missing in checkpoint (1)' in message and flax_path in message
+  assert 'missing in checkpoint (1)' in message
+  assert f'{key} (model {flax_path})' in message  # The file's key name, and where it goes.
   assert 'unexpected' not in message
 
 
@@ -227,5 +228,6 @@ def test_a_wrong_variant_reports_shapes_and_missing_blocks(state, tmp_path):
   assert 'cls_token: checkpoint (1, 1, 240) vs model (1, 1, 384)' in message
   assert 'blocks.0.attn.qkv.weight: checkpoint (720, 240) vs model (1152, 384)' in message
   assert 'patch_embed.proj.weight: checkpoint (240, 64, 8, 8) vs model (384, 64, 8, 8)' in message
-  assert 'params/blocks_15/attn/qkv/kernel' in message  # lvvit_t has 12 blocks, lvvit_s 16.
+  # lvvit_t has 12 blocks, lvvit_s 16.
+  assert 'blocks.15.attn.qkv.weight (model params/blocks_15/attn/qkv/kernel)' in message
   assert '--model' in message  # The message says how to fix it.

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from absl import logging
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -43,8 +45,13 @@ def _torch_load(path: str) -> Mapping[str, Any]:
     raise ImportError(
         'lvvit_jax/models/convert.py: reading a PyTorch checkpoint needs torch; install the CPU '
         'build (`pip install torch==2.13.0` or `pip install -r requirements-dev.txt`).') from e
-  obj = torch.load(path, map_location='cpu', weights_only=False)
-  return obj
+  try:  # Tensors and plain containers only: no code from the file runs.
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception:  # pylint: disable=broad-except
+    # Training checkpoints also pickle e.g. the argparse Namespace of the run.
+    logging.warning('lvvit_jax/models/convert.py: %s holds more than tensors; loading it with '
+                    'full unpickling (only do this for files you trust).', path)
+    return torch.load(path, map_location='cpu', weights_only=False)
 
 
 def extract_state_dict(obj: Mapping[str, Any]) -> Dict[str, np.ndarray]:
@@ -95,6 +102,14 @@ def _torch_to_flax_name(key: str) -> Optional[Tuple[str, Tuple[str, ...], str]]:
     leaf = 'kernel' if m[2] == 'weight' else 'bias'
     return 'params', (m[1], leaf), 'dense' if leaf == 'kernel' else 'none'
   return None
+
+
+def _flax_to_torch_name(full: Tuple[str, ...]) -> str:
+  """The official PyTorch key of a Flax variable path (inverse of `_torch_to_flax_name`)."""
+  leaf = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean',
+          'var': 'running_var'}.get(full[-1], full[-1])
+  parts = [re.sub(r'^blocks_(\d+)$', r'blocks.\1', p) for p in full[1:-1]]
+  return '.'.join(parts + [leaf])
 
 
 def _transform(value: np.ndarray, how: str) -> np.ndarray:
@@ -186,7 +201,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
     found[full] = value.astype(np.float32)
 
   heads = {k for k in expected if k[0] == 'params' and k[1] in HEAD_KEYS}
-  missing = sorted('/'.join(k) for k in expected
+  missing = sorted(f'{_flax_to_torch_name(k)} (model {"/".join(k)})' for k in expected
                    if k not in found and not (drop_heads and k in heads))
   if missing or unexpected or bad_shapes:
     lines = [f'lvvit_jax/models/convert.py: checkpoint does not fit {model_name} '

@@ -404,9 +404,10 @@ def eval_resize_shape(image_hw: tf.Tensor, resize_size: int) -> tf.Tensor:
   """torchvision `Resize(int)`: shorter side -> resize_size, longer side truncated; int32 (2,)."""
   hw = tf.cast(image_hw, tf.float64)
   short = tf.minimum(hw[0], hw[1])
-  long_side = tf.floor(resize_size * tf.maximum(hw[0], hw[1]) / short)
-  new_h = tf.where(hw[0] <= hw[1], float(resize_size), long_side)
-  new_w = tf.where(hw[0] <= hw[1], long_side, float(resize_size))
+  size = tf.constant(float(resize_size), tf.float64)
+  long_side = tf.floor(size * tf.maximum(hw[0], hw[1]) / short)
+  new_h = tf.where(hw[0] <= hw[1], size, long_side)
+  new_w = tf.where(hw[0] <= hw[1], long_side, size)
   return tf.cast(tf.stack([new_h, new_w]), tf.int32)
 
 

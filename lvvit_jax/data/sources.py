@@ -1,0 +1,300 @@
+"""Image sources as lists of TFRecord shards: prepared TFDS datasets and image-folder shards.
+
+The input pipeline reads serialized records straight from the shard files (images stay
+encoded until the fused decode + crop), so that every image shard can be zipped with the
+score-map shard made for it. Two kinds of source give the same `ImageSource`:
+
+- a prepared TFDS image-classification dataset (`tfds:imagenet2012`, `tfds:imagenette`,
+  `tfds:oxford_flowers102`, ...: whatever `tfds.builder(name, data_dir=...)` finds prepared as
+  TFRecord shards; imagenet2012 is prepared from the user's manual download as usual);
+- a directory written by `write_image_folder_shards` from an ImageFolder tree
+  (`root/<class>/<file>.jpg`): TFRecord shards with the original file bytes, the label and the
+  relative path as key, plus `dataset_info.json`.
+
+Every example has a *key* that labelgen stores next to its score map and the pipeline compares on
+the fly: the `file_name` feature where the dataset has one (imagenet2012, oxford_flowers102,
+image-folder shards), else TFDS's own id `<shard file name>__<position in shard>`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+IMAGE_FOLDER_INFO = 'dataset_info.json'
+IMAGE_FOLDER_FORMAT = 'lvvit_jax.image_folder_shards'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# Features looked for, in order, when the key feature is 'auto'.
+KEY_FEATURE_CANDIDATES = ('file_name', 'filename', 'image/filename', 'image/file_name')
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageShard:
+  """One TFRecord shard of encoded images."""
+  path: str
+  num_examples: int
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+  """A split of an image dataset, as its shards and how to parse their records.
+
+  Attributes:
+    name: dataset name (checked against the score-map manifest).
+    version: dataset version ('' if none).
+    split: split name.
+    shards: the split's shards, in the dataset's order.
+    num_classes: number of classes.
+    image_feature: the feature holding the encoded image bytes.
+    label_feature: the feature holding the int label.
+    key_feature: the feature holding the example's key, or None for TFDS-style ids.
+  """
+  name: str
+  version: str
+  split: str
+  shards: Tuple[ImageShard, ...]
+  num_classes: int
+  image_feature: str = 'image'
+  label_feature: str = 'label'
+  key_feature: Optional[str] = 'file_name'
+
+  @property
+  def num_examples(self) -> int:
+    return sum(s.num_examples for s in self.shards)
+
+  def parse(self, serialized: tf.Tensor, shard_name: tf.Tensor,
+            position: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Parses one record (graph mode): {'encoded': string, 'label': int64, 'key': string}."""
+    spec = {self.image_feature: tf.io.FixedLenFeature([], tf.string),
+            self.label_feature: tf.io.FixedLenFeature([], tf.int64)}
+    if self.key_feature:
+      spec[self.key_feature] = tf.io.FixedLenFeature([], tf.string)
+    ex = tf.io.parse_single_example(serialized, spec)
+    if self.key_feature:
+      key = ex[self.key_feature]
+    else:
+      key = tf.strings.join([shard_name, '__', tf.strings.as_string(position)])
+    return {'encoded': ex[self.image_feature], 'label': ex[self.label_feature], 'key': key}
+
+  def shard_dataset(self, index: int) -> tf.data.Dataset:
+    """The examples of shard `index` in file order, parsed (for labelgen and checks)."""
+    shard = self.shards[index]
+    ds = tf.data.TFRecordDataset(shard.path).enumerate()
+    return ds.map(lambda i, r: self.parse(r, tf.constant(shard.name), i))
+
+
+def tfds_source(name: str, split: str = 'train', data_dir: Optional[str] = None, *,
+                image_feature: str = 'image', label_feature: str = 'label',
+                key_feature: Optional[str] = 'auto') -> ImageSource:
+  """An `ImageSource` over the TFRecord shards of a prepared TFDS dataset.
+
+  Args:
+    name: TFDS name, optionally with config and version ('imagenet2012:5.1.0').
+    split: a whole split ('train', 'validation'); slices ('train[:10%]') are refused because
+      score maps pair with whole shards.
+    data_dir: TFDS data directory (TFDS's default when None).
+    image_feature: feature with the image.
+    label_feature: feature with the label (a ClassLabel).
+    key_feature: feature used as the example key; 'auto' picks `file_name` (or a similar one) if
+      the dataset has it, None uses TFDS ids (`<shard>__<position>`).
+
+  Raises:
+    ValueError: the dataset is not prepared, not TFRecord, the split or features are unknown.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+
+  if '[' in split:
+    raise ValueError(f'split {split!r}: slices are not supported, because score-map shards pair '
+                     'with whole image shards; use a whole split (e.g. "train").')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except  (TFDS raises many kinds)
+    raise ValueError(f'TFDS dataset {name!r} (data_dir={data_dir!r}) cannot be opened: {e}. '
+                     'Check the name and data_dir.') from None
+  info = builder.info
+  if split not in info.splits:
+    raise ValueError(f'TFDS dataset {name!r} in {builder.data_dir} has no split {split!r} (it '
+                     f'has {sorted(info.splits.keys())}); prepare it first '
+                     f'(tfds build {name} --data_dir=...), or fix split.')
+  file_format = str(getattr(info, 'file_format', 'tfrecord') or 'tfrecord').lower()
+  if 'tfrecord' not in file_format:
+    raise ValueError(f'TFDS dataset {name!r} in {builder.data_dir} is stored as {file_format}; '
+                     'the pipeline reads TFRecord shards: prepare it with '
+                     '--file_format=tfrecord.')
+  serialized = info.features.get_serialized_info()
+  for what, feat in (('image_feature', image_feature), ('label_feature', label_feature)):
+    if feat not in serialized:
+      raise ValueError(f'TFDS dataset {name!r} has no feature {feat!r} ({what}); its features '
+                       f'are {sorted(serialized)}: pass {what}=...')
+  if key_feature == 'auto':
+    key_feature = next((f for f in KEY_FEATURE_CANDIDATES if f in serialized), None)
+  elif key_feature is not None and key_feature not in serialized:
+    raise ValueError(f'TFDS dataset {name!r} has no feature {key_feature!r} (key_feature); its '
+                     f'features are {sorted(serialized)}: pass key_feature=None for TFDS ids.')
+  split_info = info.splits[split]
+  shards = tuple(ImageShard(str(p), int(n))
+                 for p, n in zip(split_info.filepaths, split_info.shard_lengths))
+  for s in shards:
+    if not tf.io.gfile.exists(s.path):
+      raise ValueError(f'TFDS shard {s.path} listed in {builder.data_dir}/dataset_info.json is '
+                       'missing: the dataset was not fully prepared; prepare it again.')
+  label = info.features[label_feature]
+  num_classes = int(getattr(label, 'num_classes', 0) or 0)
+  return ImageSource(name=info.name, version=str(info.version), split=split, shards=shards,
+                     num_classes=num_classes, image_feature=image_feature,
+                     label_feature=label_feature, key_feature=key_feature)
+
+
+def _image_folder_files(root: str, extensions: Sequence[str]) -> Tuple[List[str], List[str]]:
+  """Sorted class names and sorted relative file paths ('class/file') of an ImageFolder tree."""
+  if not tf.io.gfile.isdir(root):
+    raise ValueError(f'image folder {root} does not exist or is not a directory.')
+  classes = sorted(d for d in tf.io.gfile.listdir(root)
+                   if tf.io.gfile.isdir(os.path.join(root, d)))
+  classes = [c.rstrip('/') for c in classes]
+  if not classes:
+    raise ValueError(f'image folder {root} has no class subdirectories; expected '
+                     'root/<class>/<image>.jpg.')
+  files = []
+  for c in classes:
+    names = sorted(n for n in tf.io.gfile.listdir(os.path.join(root, c))
+                   if n.lower().endswith(tuple(extensions)))
+    files.extend(f'{c}/{n}' for n in names)
+  if not files:
+    raise ValueError(f'image folder {root} has no files ending in {tuple(extensions)}.')
+  return classes, files
+
+
+def _example(encoded: bytes, label: int, key: str) -> bytes:
+  feature = {
+      'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+      'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+      'file_name': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
+  """TFDS-style shard file name: '<name>-<split>.tfrecord-00003-of-00016'."""
+  return f'{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}'
+
+
+def write_image_folder_shards(root: str, out_dir: str, *, split: str = 'train',
+                              name: Optional[str] = None, num_shards: Optional[int] = None,
+                              examples_per_shard: int = 1024, seed: int = 0,
+                              extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                              num_workers: int = 8) -> ImageSource:
+  """Writes an ImageFolder tree (`root/<class>/<file>`) as TFRecord shards and returns its source.
+
+  Class names are sorted and numbered from 0; the files are listed in sorted order and then
+  permuted with `seed` (so a shard holds a mix of classes, as TFDS shards do), which makes the
+  output a deterministic function of the tree. Each record has `image` (the file's bytes,
+  untouched), `label` and `file_name` ('class/file', the key). `out_dir/dataset_info.json`
+  records the classes and, per split, the shards and their counts; writing another split into
+  the same `out_dir` adds it (the classes must agree).
+
+  Args:
+    root: the ImageFolder tree.
+    out_dir: output directory (created).
+    split: split name for the file names and `dataset_info.json`.
+    name: dataset name (default: the basename of `root`'s parent for `.../name/train`, else of
+      `root`).
+    num_shards: number of shards (default: ceil(N / examples_per_shard)).
+    examples_per_shard: used when num_shards is None.
+    seed: permutation seed.
+    extensions: file name endings taken as images (case-insensitive).
+    num_workers: shards written in parallel.
+  """
+  classes, files = _image_folder_files(root, extensions)
+  if name is None:
+    base = os.path.basename(os.path.normpath(root))
+    parent = os.path.basename(os.path.dirname(os.path.normpath(root)))
+    name = parent if base in ('train', 'val', 'validation', 'test') and parent else base
+  label_of = {c: i for i, c in enumerate(classes)}
+  order = np.random.default_rng(seed).permutation(len(files))
+  files = [files[i] for i in order]
+  n = len(files)
+  if num_shards is None:
+    num_shards = max(1, -(-n // examples_per_shard))
+  if not 1 <= num_shards <= n:
+    raise ValueError(f'num_shards={num_shards} must lie in [1, {n}] for the {n} images in {root}.')
+  tf.io.gfile.makedirs(out_dir)
+  bounds = np.linspace(0, n, num_shards + 1).round().astype(int)
+
+  def write_shard(i: int) -> ImageShard:
+    path = os.path.join(out_dir, shard_name(name, split, i, num_shards))
+    with tf.io.TFRecordWriter(path + '.incomplete') as w:
+      for rel in files[bounds[i]:bounds[i + 1]]:
+        with tf.io.gfile.GFile(os.path.join(root, rel), 'rb') as f:
+          w.write(_example(f.read(), label_of[rel.split('/')[0]], rel))
+    tf.io.gfile.rename(path + '.incomplete', path, overwrite=True)
+    return ImageShard(path, int(bounds[i + 1] - bounds[i]))
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    shards = tuple(pool.map(write_shard, range(num_shards)))
+
+  info_path = os.path.join(out_dir, IMAGE_FOLDER_INFO)
+  info: Dict[str, Any] = {'format': IMAGE_FOLDER_FORMAT, 'format_version': 1, 'name': name,
+                          'version': '', 'class_names': classes, 'splits': {}}
+  if tf.io.gfile.exists(info_path):
+    old = _read_folder_info(info_path)
+    if old['class_names'] != classes:
+      raise ValueError(f'{info_path} lists other classes than {root}; write each dataset into '
+                       'its own out_dir.')
+    info['splits'] = old['splits']
+  info['splits'][split] = {'shards': [{'file': s.name, 'num_examples': s.num_examples}
+                                      for s in shards], 'root': root}
+  with tf.io.gfile.GFile(info_path, 'w') as f:
+    f.write(json.dumps(info, indent=1) + '\n')
+  logging.info('Wrote %d images of %d classes from %s into %d shards in %s.', n, len(classes),
+               root, num_shards, out_dir)
+  return image_folder_source(out_dir, split)
+
+
+def _read_folder_info(path: str) -> Dict[str, Any]:
+  with tf.io.gfile.GFile(path, 'r') as f:
+    info = json.loads(f.read())
+  if info.get('format') != IMAGE_FOLDER_FORMAT:
+    raise ValueError(f'{path} is not an image-folder shards description (format '
+                     f'{info.get("format")!r}); write it with sources.write_image_folder_shards.')
+  return info
+
+
+def image_folder_source(shards_dir: str, split: str = 'train') -> ImageSource:
+  """The `ImageSource` of a directory written by `write_image_folder_shards`."""
+  path = os.path.join(shards_dir, IMAGE_FOLDER_INFO)
+  if not tf.io.gfile.exists(path):
+    raise ValueError(f'{path} does not exist: {shards_dir} was not written by '
+                     'lvvit_jax.data.sources.write_image_folder_shards; write it first (or use '
+                     'source="tfds:<name>" for a TFDS dataset).')
+  info = _read_folder_info(path)
+  if split not in info['splits']:
+    raise ValueError(f'{path} has no split {split!r} (it has {sorted(info["splits"])}); write '
+                     'it with write_image_folder_shards(..., split=...).')
+  shards = tuple(ImageShard(os.path.join(shards_dir, s['file']), int(s['num_examples']))
+                 for s in info['splits'][split]['shards'])
+  for s in shards:
+    if not tf.io.gfile.exists(s.path):
+      raise ValueError(f'image shard {s.path} listed in {path} is missing; write the split '
+                       'again.')
+  return ImageSource(name=info['name'], version=info.get('version', ''), split=split,
+                     shards=shards, num_classes=len(info['class_names']),
+                     key_feature='file_name')
+
+
+def get_source(source: str, split: str = 'train', data_dir: Optional[str] = None,
+               **tfds_kwargs: Any) -> ImageSource:
+  """'tfds:<name>' -> `tfds_source`; a directory -> `image_folder_source`."""
+  if source.startswith('tfds:'):
+    return tfds_source(source[len('tfds:'):], split, data_dir, **tfds_kwargs)
+  return image_folder_source(source, split)

@@ -127,9 +127,8 @@ def test_vmap_over_boxes_and_grad():
 
 def test_partners_never_cross_a_device_shard():
   devices = jax.devices()
-  if len(devices) < 4:
-    pytest.skip('needs 4 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 '
-                '(tests/conftest.py sets it before jax starts)')
+  # tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax starts.
+  assert len(devices) >= 4, 'needs 4 devices: run through pytest so tests/conftest.py applies'
   mesh = Mesh(np.asarray(devices[:4]), ('data',))
   sharded = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())

@@ -282,9 +282,8 @@ def test_vmap_grad_and_no_retrace():
 @pytest.mark.parametrize('method', ['scatter', 'dense'])
 def test_batch_sharded_targets_stay_on_their_device(method):
   devices = jax.devices()
-  if len(devices) < 4:
-    pytest.skip('needs 4 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 '
-                '(tests/conftest.py sets it before jax starts)')
+  # tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax starts.
+  assert len(devices) >= 4, 'needs 4 devices: run through pytest so tests/conftest.py applies'
   rng = np.random.default_rng(8)
   b = 8
   logits, idx = _random_maps(rng, b, *MAP_HW)

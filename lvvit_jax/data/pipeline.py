@@ -131,15 +131,15 @@ class PipelineConfig:
 
 def _check_config(cfg: PipelineConfig) -> None:
   if cfg.on_corrupt not in ('skip', 'fail'):
-    raise ValueError(f'PipelineConfig.on_corrupt={cfg.on_corrupt!r}: use "skip" or "fail".')
+    raise ValueError(f'lvvit_jax/data/pipeline.py: PipelineConfig.on_corrupt={cfg.on_corrupt!r}: use "skip" or "fail".')
   if cfg.image_dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f'PipelineConfig.image_dtype={cfg.image_dtype!r}: use "float32" or '
+    raise ValueError(f'lvvit_jax/data/pipeline.py: PipelineConfig.image_dtype={cfg.image_dtype!r}: use "float32" or '
                      '"bfloat16".')
   if not 0 <= cfg.process_index < cfg.process_count:
-    raise ValueError(f'PipelineConfig.process_index={cfg.process_index} must lie in '
+    raise ValueError(f'lvvit_jax/data/pipeline.py: PipelineConfig.process_index={cfg.process_index} must lie in '
                      f'[0, process_count={cfg.process_count}).')
   if cfg.batch_size < 1:
-    raise ValueError(f'PipelineConfig.batch_size={cfg.batch_size} must be >= 1 (per process).')
+    raise ValueError(f'lvvit_jax/data/pipeline.py: PipelineConfig.batch_size={cfg.batch_size} must be >= 1 (per process).')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def _shard_pairs(cfg: PipelineConfig, with_maps: bool) -> _Pairs:
     source = sources.image_folder_source(cfg.source, cfg.split)
   n = len(source.shards)
   if n < cfg.process_count:
-    raise ValueError(f'{cfg.source} split {cfg.split!r} has {n} shards but there are '
+    raise ValueError(f'lvvit_jax/data/pipeline.py: {cfg.source} split {cfg.split!r} has {n} shards but there are '
                      f'{cfg.process_count} processes: each process needs at least one shard. '
                      'Rewrite the data with more shards '
                      '(sources.write_image_folder_shards(num_shards=...)).')
@@ -421,7 +421,7 @@ def _raise_translated(e: tf.errors.OpError) -> None:
       text = text.replace("\\'", "'")
       raise cls(text) from None
   if isinstance(e, tf.errors.DataLossError):
-    raise IOError(f'a TFRecord shard is truncated or corrupt ({msg.splitlines()[0]}); check the '
+    raise IOError(f'lvvit_jax/data/pipeline.py: a TFRecord shard is truncated or corrupt ({msg.splitlines()[0]}); check the '
                   'score maps with lvvit_jax.data.score_maps.verify_checksums(score_maps_dir) '
                   'and re-prepare the image shards if it is one of them.') from None
   raise e
@@ -513,7 +513,7 @@ class TrainIterator:
     for k, want in (('seed', cfg.seed), ('process_count', cfg.process_count),
                     ('process_index', cfg.process_index)):
       if k in state and int(state[k]) != want:
-        raise ValueError(f'data state has {k}={state[k]} but PipelineConfig.{k}={want}: the '
+        raise ValueError(f'lvvit_jax/data/pipeline.py: data state has {k}={state[k]} but PipelineConfig.{k}={want}: the '
                          'stored position belongs to another data order; restore with the same '
                          'seed and processes, or start the data from scratch (state=None).')
     self._epoch = int(state.get('epoch', 0))
@@ -521,7 +521,7 @@ class TrainIterator:
     pairs = _shard_pairs(cfg, with_maps=False)
     self.num_examples = sum(pairs.source.shards[i].num_examples for i in pairs.mine)
     if not 0 <= self._index <= self.num_examples or self._epoch < 0:
-      raise ValueError(f'data state {state} is outside this process\'s epoch of '
+      raise ValueError(f'lvvit_jax/data/pipeline.py: data state {state} is outside this process\'s epoch of '
                        f'{self.num_examples} examples of {cfg.source}: it belongs to other data; '
                        'restore with the same data or start from scratch (state=None).')
     self._log = _CorruptLog(cfg.max_corrupt_fraction, 'train')

@@ -112,11 +112,11 @@ class Manifest:
   def from_json(cls, d: Mapping[str, Any], path: str = MANIFEST_NAME) -> 'Manifest':
     """Parses `to_json`'s output; errors name `path` and the key."""
     if d.get('format') != FORMAT:
-      raise ScoreMapError(f'{path}: "format" is {d.get("format")!r}, expected {FORMAT!r}: '
+      raise ScoreMapError(f'lvvit_jax/data/score_maps.py: {path}: "format" is {d.get("format")!r}, expected {FORMAT!r}: '
                           'this is not a score-map manifest.')
     version = d.get('format_version')
     if not isinstance(version, int) or version > FORMAT_VERSION:
-      raise ScoreMapError(f'{path}: "format_version" {version!r} is not supported by this '
+      raise ScoreMapError(f'lvvit_jax/data/score_maps.py: {path}: "format_version" {version!r} is not supported by this '
                           f'lvvit_jax (reads up to {FORMAT_VERSION}); upgrade lvvit_jax.')
     try:
       shards = tuple(ShardInfo(file=s['file'], image_shard=s['image_shard'],
@@ -127,7 +127,7 @@ class Manifest:
                  k=int(d['k']), num_classes=int(d['num_classes']),
                  teacher=dict(d.get('teacher', {})), shards=shards, format_version=version)
     except (KeyError, TypeError, IndexError) as e:
-      raise ScoreMapError(f'{path}: missing or malformed key {e}; regenerate the manifest with '
+      raise ScoreMapError(f'lvvit_jax/data/score_maps.py: {path}: missing or malformed key {e}; regenerate the manifest with '
                           'lvvit_jax.data.score_maps.write_manifest.') from None
 
 
@@ -150,13 +150,13 @@ def read_manifest(directory: str) -> Manifest:
   """Reads `directory/manifest.json`; a missing or bad file is a `ScoreMapError` naming it."""
   path = os.path.join(directory, MANIFEST_NAME)
   if not tf.io.gfile.exists(path):
-    raise ScoreMapError(f'{path} does not exist: score_maps_dir must be a directory written by '
+    raise ScoreMapError(f'lvvit_jax/data/score_maps.py: {path} does not exist: score_maps_dir must be a directory written by '
                         'labelgen (score-map shards plus manifest.json); fix score_maps_dir.')
   with tf.io.gfile.GFile(path, 'r') as f:
     try:
       d = json.loads(f.read())
     except json.JSONDecodeError as e:
-      raise ScoreMapError(f'{path} is not valid JSON ({e}); regenerate it.') from None
+      raise ScoreMapError(f'lvvit_jax/data/score_maps.py: {path} is not valid JSON ({e}); regenerate it.') from None
   return Manifest.from_json(d, path)
 
 
@@ -178,11 +178,11 @@ def verify_checksums(directory: str, manifest: Optional[Manifest] = None) -> Non
   for s in manifest.shards:
     path = os.path.join(directory, s.file)
     if not tf.io.gfile.exists(path):
-      raise ScoreMapError(f'{path}: listed in {MANIFEST_NAME} but missing; regenerate the '
+      raise ScoreMapError(f'lvvit_jax/data/score_maps.py: {path}: listed in {MANIFEST_NAME} but missing; regenerate the '
                           f'score maps of image shard {s.image_shard} with labelgen.')
     got = file_sha256(path)
     if got != s.sha256:
-      raise ScoreMapError(f'{path}: SHA-256 {got} differs from {s.sha256} in {MANIFEST_NAME}: the '
+      raise ScoreMapError(f'lvvit_jax/data/score_maps.py: {path}: SHA-256 {got} differs from {s.sha256} in {MANIFEST_NAME}: the '
                           f'file is corrupt or was rewritten; regenerate the score maps of image '
                           f'shard {s.image_shard} with labelgen.')
 
@@ -207,15 +207,15 @@ def pair_shards(directory: str, manifest: Manifest,
     s = by_image.get(name)
     if s is None:
       raise ScoreMapError(
-          f'{os.path.join(directory, MANIFEST_NAME)} has no score-map shard for image shard '
+          f'lvvit_jax/data/score_maps.py: {os.path.join(directory, MANIFEST_NAME)} has no score-map shard for image shard '
           f'{image_path}: the maps were made for another dataset or split, or labelgen did not '
           'finish; run labelgen on that shard or fix score_maps_dir.')
     path = os.path.join(directory, s.file)
     if not tf.io.gfile.exists(path):
-      raise ScoreMapError(f'score-map shard {path} (pairs with image shard {image_path}) is '
+      raise ScoreMapError(f'lvvit_jax/data/score_maps.py: score-map shard {path} (pairs with image shard {image_path}) is '
                           'missing; rerun labelgen for that shard.')
     if s.num_examples != count:
-      raise ScoreMapError(f'score-map shard {path} has {s.num_examples} examples in '
+      raise ScoreMapError(f'lvvit_jax/data/score_maps.py: score-map shard {path} has {s.num_examples} examples in '
                           f'{MANIFEST_NAME} but image shard {image_path} has {count}: the maps '
                           'were made for a different version of the images; rerun labelgen.')
     paths.append(path)
@@ -227,14 +227,14 @@ def _check_map(topk_logits: np.ndarray, topk_idx: np.ndarray,
   logits = np.asarray(topk_logits)
   idx = np.asarray(topk_idx)
   if logits.ndim != 3 or logits.shape != idx.shape:
-    raise ValueError(f'topk_logits {logits.shape} and topk_idx {idx.shape} must both be '
+    raise ValueError(f'lvvit_jax/data/score_maps.py: topk_logits {logits.shape} and topk_idx {idx.shape} must both be '
                      '(height, width, k); transpose the teacher output to channels last.')
   if idx.size and (idx.min() < 0 or idx.max() > np.iinfo(np.int16).max):
-    raise ValueError(f'class indices must lie in [0, 32767] to be stored as int16, got '
+    raise ValueError(f'lvvit_jax/data/score_maps.py: class indices must lie in [0, 32767] to be stored as int16, got '
                      f'[{idx.min()}, {idx.max()}].')
   box = np.asarray(map_box, np.float32)
   if box.shape != (4,):
-    raise ValueError(f'map_box must be 4 floats (y0, x0, y1, x1), got shape {box.shape}.')
+    raise ValueError(f'lvvit_jax/data/score_maps.py: map_box must be 4 floats (y0, x0, y1, x1), got shape {box.shape}.')
   return logits.astype('<f2'), idx.astype('<i2'), box
 
 
@@ -341,7 +341,7 @@ class ShardWriter:
     """Appends one example; every map in a shard must have the same (h, w, k)."""
     shape = np.shape(topk_logits)
     if self._shape is not None and shape != self._shape:
-      raise ValueError(f'{self.path}: example {self._count} ({key!r}) has a map of shape {shape} '
+      raise ValueError(f'lvvit_jax/data/score_maps.py: {self.path}: example {self._count} ({key!r}) has a map of shape {shape} '
                        f'but earlier ones are {self._shape}; the teacher must give one map shape '
                        'per dataset (fix its input size).')
     self._shape = shape

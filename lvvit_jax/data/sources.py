@@ -114,39 +114,39 @@ def tfds_source(name: str, split: str = 'train', data_dir: Optional[str] = None,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
   if '[' in split:
-    raise ValueError(f'split {split!r}: slices are not supported, because score-map shards pair '
+    raise ValueError(f'lvvit_jax/data/sources.py: split {split!r}: slices are not supported, because score-map shards pair '
                      'with whole image shards; use a whole split (e.g. "train").')
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except  (TFDS raises many kinds)
-    raise ValueError(f'TFDS dataset {name!r} (data_dir={data_dir!r}) cannot be opened: {e}. '
+    raise ValueError(f'lvvit_jax/data/sources.py: TFDS dataset {name!r} (data_dir={data_dir!r}) cannot be opened: {e}. '
                      'Check the name and data_dir.') from None
   info = builder.info
   if split not in info.splits:
-    raise ValueError(f'TFDS dataset {name!r} in {builder.data_dir} has no split {split!r} (it '
+    raise ValueError(f'lvvit_jax/data/sources.py: TFDS dataset {name!r} in {builder.data_dir} has no split {split!r} (it '
                      f'has {sorted(info.splits.keys())}); prepare it first '
                      f'(tfds build {name} --data_dir=...), or fix split.')
   file_format = str(getattr(info, 'file_format', 'tfrecord') or 'tfrecord').lower()
   if 'tfrecord' not in file_format:
-    raise ValueError(f'TFDS dataset {name!r} in {builder.data_dir} is stored as {file_format}; '
+    raise ValueError(f'lvvit_jax/data/sources.py: TFDS dataset {name!r} in {builder.data_dir} is stored as {file_format}; '
                      'the pipeline reads TFRecord shards: prepare it with '
                      '--file_format=tfrecord.')
   serialized = info.features.get_serialized_info()
   for what, feat in (('image_feature', image_feature), ('label_feature', label_feature)):
     if feat not in serialized:
-      raise ValueError(f'TFDS dataset {name!r} has no feature {feat!r} ({what}); its features '
+      raise ValueError(f'lvvit_jax/data/sources.py: TFDS dataset {name!r} has no feature {feat!r} ({what}); its features '
                        f'are {sorted(serialized)}: pass {what}=...')
   if key_feature == 'auto':
     key_feature = next((f for f in KEY_FEATURE_CANDIDATES if f in serialized), None)
   elif key_feature is not None and key_feature not in serialized:
-    raise ValueError(f'TFDS dataset {name!r} has no feature {key_feature!r} (key_feature); its '
+    raise ValueError(f'lvvit_jax/data/sources.py: TFDS dataset {name!r} has no feature {key_feature!r} (key_feature); its '
                      f'features are {sorted(serialized)}: pass key_feature=None for TFDS ids.')
   split_info = info.splits[split]
   shards = tuple(ImageShard(str(p), int(n))
                  for p, n in zip(split_info.filepaths, split_info.shard_lengths))
   for s in shards:
     if not tf.io.gfile.exists(s.path):
-      raise ValueError(f'TFDS shard {s.path} listed in {builder.data_dir}/dataset_info.json is '
+      raise ValueError(f'lvvit_jax/data/sources.py: TFDS shard {s.path} listed in {builder.data_dir}/dataset_info.json is '
                        'missing: the dataset was not fully prepared; prepare it again.')
   label = info.features[label_feature]
   num_classes = int(getattr(label, 'num_classes', 0) or 0)
@@ -158,12 +158,12 @@ def tfds_source(name: str, split: str = 'train', data_dir: Optional[str] = None,
 def _image_folder_files(root: str, extensions: Sequence[str]) -> Tuple[List[str], List[str]]:
   """Sorted class names and sorted relative file paths ('class/file') of an ImageFolder tree."""
   if not tf.io.gfile.isdir(root):
-    raise ValueError(f'image folder {root} does not exist or is not a directory.')
+    raise ValueError(f'lvvit_jax/data/sources.py: image folder {root} does not exist or is not a directory.')
   classes = sorted(d for d in tf.io.gfile.listdir(root)
                    if tf.io.gfile.isdir(os.path.join(root, d)))
   classes = [c.rstrip('/') for c in classes]
   if not classes:
-    raise ValueError(f'image folder {root} has no class subdirectories; expected '
+    raise ValueError(f'lvvit_jax/data/sources.py: image folder {root} has no class subdirectories; expected '
                      'root/<class>/<image>.jpg.')
   files = []
   for c in classes:
@@ -171,7 +171,7 @@ def _image_folder_files(root: str, extensions: Sequence[str]) -> Tuple[List[str]
                    if n.lower().endswith(tuple(extensions)))
     files.extend(f'{c}/{n}' for n in names)
   if not files:
-    raise ValueError(f'image folder {root} has no files ending in {tuple(extensions)}.')
+    raise ValueError(f'lvvit_jax/data/sources.py: image folder {root} has no files ending in {tuple(extensions)}.')
   return classes, files
 
 
@@ -227,7 +227,7 @@ def write_image_folder_shards(root: str, out_dir: str, *, split: str = 'train',
   if num_shards is None:
     num_shards = max(1, -(-n // examples_per_shard))
   if not 1 <= num_shards <= n:
-    raise ValueError(f'num_shards={num_shards} must lie in [1, {n}] for the {n} images in {root}.')
+    raise ValueError(f'lvvit_jax/data/sources.py: num_shards={num_shards} must lie in [1, {n}] for the {n} images in {root}.')
   tf.io.gfile.makedirs(out_dir)
   bounds = np.linspace(0, n, num_shards + 1).round().astype(int)
 
@@ -249,7 +249,7 @@ def write_image_folder_shards(root: str, out_dir: str, *, split: str = 'train',
   if tf.io.gfile.exists(info_path):
     old = _read_folder_info(info_path)
     if old['class_names'] != classes:
-      raise ValueError(f'{info_path} lists other classes than {root}; write each dataset into '
+      raise ValueError(f'lvvit_jax/data/sources.py: {info_path} lists other classes than {root}; write each dataset into '
                        'its own out_dir.')
     info['splits'] = old['splits']
   info['splits'][split] = {'shards': [{'file': s.name, 'num_examples': s.num_examples}
@@ -265,7 +265,7 @@ def _read_folder_info(path: str) -> Dict[str, Any]:
   with tf.io.gfile.GFile(path, 'r') as f:
     info = json.loads(f.read())
   if info.get('format') != IMAGE_FOLDER_FORMAT:
-    raise ValueError(f'{path} is not an image-folder shards description (format '
+    raise ValueError(f'lvvit_jax/data/sources.py: {path} is not an image-folder shards description (format '
                      f'{info.get("format")!r}); write it with sources.write_image_folder_shards.')
   return info
 
@@ -274,18 +274,18 @@ def image_folder_source(shards_dir: str, split: str = 'train') -> ImageSource:
   """The `ImageSource` of a directory written by `write_image_folder_shards`."""
   path = os.path.join(shards_dir, IMAGE_FOLDER_INFO)
   if not tf.io.gfile.exists(path):
-    raise ValueError(f'{path} does not exist: {shards_dir} was not written by '
+    raise ValueError(f'lvvit_jax/data/sources.py: {path} does not exist: {shards_dir} was not written by '
                      'lvvit_jax.data.sources.write_image_folder_shards; write it first (or use '
                      'source="tfds:<name>" for a TFDS dataset).')
   info = _read_folder_info(path)
   if split not in info['splits']:
-    raise ValueError(f'{path} has no split {split!r} (it has {sorted(info["splits"])}); write '
+    raise ValueError(f'lvvit_jax/data/sources.py: {path} has no split {split!r} (it has {sorted(info["splits"])}); write '
                      'it with write_image_folder_shards(..., split=...).')
   shards = tuple(ImageShard(os.path.join(shards_dir, s['file']), int(s['num_examples']))
                  for s in info['splits'][split]['shards'])
   for s in shards:
     if not tf.io.gfile.exists(s.path):
-      raise ValueError(f'image shard {s.path} listed in {path} is missing; write the split '
+      raise ValueError(f'lvvit_jax/data/sources.py: image shard {s.path} listed in {path} is missing; write the split '
                        'again.')
   return ImageSource(name=info['name'], version=info.get('version', ''), split=split,
                      shards=shards, num_classes=len(info['class_names']),

@@ -12,8 +12,6 @@ output says so. Goal: targets + MixToken under 3% of the step.
 """
 import argparse
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +19,7 @@ import numpy as np
 
 from lvvit_jax import token_labeling as tl
 from lvvit_jax.models import create_model
-
-
-def time_fn(fn, args, steps: int, warmup: int) -> float:
-  """Median wall time of `fn(*args)` in seconds, after warm-up, synchronised."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+from model_step import time_fn  # benchmarks/ is on sys.path when run as a script
 
 
 def random_maps(rng: np.random.Generator, b: int, size: int, k: int, num_classes: int):
@@ -103,8 +90,9 @@ def main():
 
   # The model's training forward+backward at --model-batch.
   mb = args.model_batch or b
-  model = create_model(args.model, num_classes=kc, dtype=dtype)
-  images = jax.random.normal(key, (mb, 224, 224, 3), jnp.float32)
+  img_size = args.grid * 16  # The token grid of the targets is the model's (14 at 224).
+  model = create_model(args.model, num_classes=kc, img_size=img_size, dtype=dtype)
+  images = jax.random.normal(key, (mb, img_size, img_size, 3), jnp.float32)
   variables = jax.jit(lambda x: model.init({'params': key, 'dropout': key}, x[:1]))(images)
   cls_t = jax.nn.softmax(jax.random.normal(key, (mb, kc)))
   tok_t = jax.nn.softmax(jax.random.normal(key, (mb, g, g, kc)))

@@ -1,0 +1,34 @@
+"""The benchmark scripts run and print their figures (tiny sizes: a check against rot, not timing)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+@pytest.mark.slow
+def test_model_step_prints_throughput_and_tflops():
+  out = _run('benchmarks/model_step.py', '--model', 'lvvit_t', '--img-size', '64', '--batch',
+             '2', '--num-classes', '10', '--dtype', 'float32', '--steps', '1', '--warmup', '1')
+  rows = re.findall(r'^(forward|forward\+backward) +([0-9.]+) +([0-9.]+) +([0-9.]+)$', out,
+                    re.M)
+  assert [r[0] for r in rows] == ['forward', 'forward+backward'], out
+  assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows), out
+
+
+@pytest.mark.slow
+def test_token_targets_benchmark_prints_the_share_of_the_step():
+  out = _run('benchmarks/token_targets.py', '--batch', '4', '--model-batch', '2',
+             '--num-classes', '10', '--grid', '4', '--map', '6', '--k', '3',
+             '--model', 'lvvit_t', '--steps', '1', '--warmup', '1')
+  assert re.search(r'targets\[scatter\] \+ MixToken = [0-9.]+% of the lvvit_t step', out), out

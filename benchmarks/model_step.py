@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lvvit_jax import token_labeling as tl
 from lvvit_jax.models import create_model
 
 
@@ -34,10 +35,6 @@ def time_fn(fn, args, steps: int, warmup: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
-
-
-def soft_cross_entropy(logits, targets):
-  return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1).mean()
 
 
 def main():
@@ -69,8 +66,7 @@ def main():
     (cls, aux), updates = model.apply(
         {'params': params, 'batch_stats': batch_stats}, images, train=True, mix_box=box,
         rngs={'dropout': rng}, mutable=['batch_stats'])
-    loss = soft_cross_entropy(cls, cls_t) + 0.5 * soft_cross_entropy(aux, tok_t)
-    return loss, updates
+    return tl.token_label_loss(cls, aux, cls_t, tok_t)[0], updates
 
   def train_grad(variables, images, box, rng):
     return jax.grad(loss_fn, has_aux=True)(variables['params'], variables['batch_stats'],

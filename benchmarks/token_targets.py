@@ -11,7 +11,6 @@ With --model-batch smaller than --batch the model time is scaled linearly to --b
 output says so. Goal: targets + MixToken under 3% of the step.
 """
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp

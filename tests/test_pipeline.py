@@ -167,14 +167,17 @@ def test_deterministic_and_resumable(folder):
     pipeline.make_train_iterator(dataclasses.replace(cfg, seed=4), s3)
 
 
+def _failing_preprocess(encoded, seed, cfg):
+  """A train_preprocess whose decode fails on every image."""
+  del seed, cfg
+  tf.debugging.assert_equal(tf.strings.length(encoded), -1)
+  return {'image': tf.zeros([SIZE, SIZE, 3]), 'label_affine': tf.zeros([2, 3])}
+
+
 def test_resume_skips_records_before_decoding(folder, monkeypatch):
   # With a preprocessing that fails on every image, the examples that are decoded are exactly
   # the ones counted as corrupt: resuming at index 20 of 24 decodes 4, at 24 none.
-  def broken(encoded, seed, cfg):
-    del seed, cfg
-    tf.debugging.assert_equal(tf.strings.length(encoded), -1)
-    return {'image': tf.zeros([SIZE, SIZE, 3]), 'label_affine': tf.zeros([2, 3])}
-  monkeypatch.setattr(augment, 'train_preprocess', broken)
+  monkeypatch.setattr(augment, 'train_preprocess', _failing_preprocess)
   cfg = _cfg(folder, num_epochs=1)
   for index, decoded in ((20, 4), (24, 0)):
     it = pipeline.make_train_iterator(cfg, {'epoch': 0, 'index': index})
@@ -403,10 +406,6 @@ def test_corrupt_images_are_skipped_counted_or_fail(corrupt):
 
 
 def test_too_many_failures_is_a_bug_not_bad_files(folder, monkeypatch):
-  def broken(encoded, seed, cfg):
-    del seed, cfg
-    tf.debugging.assert_equal(tf.strings.length(encoded), -1)
-    return {'image': tf.zeros([SIZE, SIZE, 3]), 'label_affine': tf.zeros([2, 3])}
-  monkeypatch.setattr(augment, 'train_preprocess', broken)
+  monkeypatch.setattr(augment, 'train_preprocess', _failing_preprocess)
   with pytest.raises(pipeline.CorruptImageError, match='more than max_corrupt_fraction'):
     next(pipeline.make_train_iterator(_cfg(folder, score_maps_dir=None)))

@@ -154,6 +154,11 @@ class _Pairs:
   manifest: Optional[score_maps.Manifest]
   mine: Tuple[int, ...]  # indices into source.shards read by this process, in order
 
+  @property
+  def num_mine(self) -> int:
+    """Examples in this process's shards: the length of its epoch."""
+    return sum(self.source.shards[i].num_examples for i in self.mine)
+
 
 def _shard_pairs(cfg: PipelineConfig, with_maps: bool) -> _Pairs:
   if cfg.source.startswith('tfds:'):
@@ -432,7 +437,8 @@ def _raise_translated(e: tf.errors.OpError) -> None:
 
 
 def train_dataset(cfg: PipelineConfig, start_epoch: int = 0, start_index: int = 0,
-                  corrupt_log: Optional[_CorruptLog] = None) -> tf.data.Dataset:
+                  corrupt_log: Optional[_CorruptLog] = None,
+                  pairs: Optional[_Pairs] = None) -> tf.data.Dataset:
   """The batched train `tf.data.Dataset` of this process, from position (start_epoch, start_index).
 
   Batches hold `image` (B, S, S, 3), `label` (B,) int32, `label_affine` (B, 2, 3) float32, with
@@ -442,10 +448,10 @@ def train_dataset(cfg: PipelineConfig, start_epoch: int = 0, start_index: int = 
   """
   _check_config(cfg)
   aug_cfg = cfg.augment or augment.AugmentConfig(image_size=cfg.image_size)
-  pairs = _shard_pairs(cfg, with_maps=True)
+  pairs = pairs or _shard_pairs(cfg, with_maps=True)
   mine = tf.constant(pairs.mine, tf.int64)
   n_mine = len(pairs.mine)
-  epoch_length = sum(pairs.source.shards[i].num_examples for i in pairs.mine)
+  epoch_length = pairs.num_mine
   parallel = cfg.num_parallel_calls
   base = _fold([cfg.seed, 0], cfg.process_index)
   order_seed, shuffle_seed, example_seed = (_fold(base, salt) for salt in (1, 2, 3))
@@ -498,7 +504,22 @@ def train_dataset(cfg: PipelineConfig, start_epoch: int = 0, start_index: int = 
   return ds.with_options(_options(cfg))
 
 
-class TrainIterator:
+class _CorruptReport:
+  """Corrupt-image counts of an iterator, per epoch (evaluation reports its last pass as 0)."""
+  _log: '_CorruptLog'
+
+  @property
+  def corrupt_keys(self) -> Dict[int, List[str]]:
+    """Keys of the corrupt images left out, per epoch (up to 8 per run of them)."""
+    return self._log.keys
+
+  @property
+  def corrupt_counts(self) -> Dict[int, int]:
+    """Number of corrupt images left out, per epoch."""
+    return self._log.counts
+
+
+class TrainIterator(_CorruptReport):
   """Python iterator of numpy train batches with a resumable `state()`.
 
   `state()` is the position after the last batch returned by `next`: store it with the
@@ -518,25 +539,15 @@ class TrainIterator:
                          'seed and processes, or start the data from scratch (state=None).')
     self._epoch = int(state.get('epoch', 0))
     self._index = int(state.get('index', 0))
-    pairs = _shard_pairs(cfg, with_maps=False)
-    self.num_examples = sum(pairs.source.shards[i].num_examples for i in pairs.mine)
+    pairs = _shard_pairs(cfg, with_maps=True)
+    self.num_examples = pairs.num_mine
     if not 0 <= self._index <= self.num_examples or self._epoch < 0:
       raise ValueError(f'lvvit_jax/data/pipeline.py: data state {state} is outside this process\'s epoch of '
                        f'{self.num_examples} examples of {cfg.source}: it belongs to other data; '
                        'restore with the same data or start from scratch (state=None).')
     self._log = _CorruptLog(cfg.max_corrupt_fraction, 'train')
-    self.dataset = train_dataset(cfg, self._epoch, self._index, self._log)
+    self.dataset = train_dataset(cfg, self._epoch, self._index, self._log, pairs)
     self._it = iter(self.dataset)
-
-  @property
-  def corrupt_keys(self) -> Dict[int, List[str]]:
-    """Keys of the corrupt images skipped so far, per epoch (up to 8 per run of them)."""
-    return self._log.keys
-
-  @property
-  def corrupt_counts(self) -> Dict[int, int]:
-    """Number of corrupt images skipped so far, per epoch."""
-    return self._log.counts
 
   def state(self) -> Dict[str, int]:
     """{'epoch', 'index'} after the last returned batch, plus the seed and process layout."""
@@ -586,7 +597,7 @@ def eval_dataset(cfg: PipelineConfig,
   pairs = _shard_pairs(cfg, with_maps=False)
   shards = pairs.source.shards
   counts = [sum(s.num_examples for s in shards[p::cfg.process_count])
-            for p in range(cfg.process_count)]
+            for p in range(cfg.process_count)]  # every process's, for the common batch count
   num_batches = max(math.ceil(c / cfg.batch_size) for c in counts)
   mine = counts[cfg.process_index]
   parallel = cfg.num_parallel_calls
@@ -621,7 +632,7 @@ def eval_dataset(cfg: PipelineConfig,
   return ds.with_options(_options(cfg)), num_batches, mine
 
 
-class EvalIterator:
+class EvalIterator(_CorruptReport):
   """Re-iterable eval batches (numpy), the same number on every process.
 
   Attributes:
@@ -633,16 +644,6 @@ class EvalIterator:
     self.cfg = cfg
     self._log = _CorruptLog(math.inf, 'eval')
     self.dataset, self.num_batches, self.num_examples = eval_dataset(cfg, self._log)
-
-  @property
-  def corrupt_keys(self) -> Dict[int, List[str]]:
-    """Keys of the images left out in the last pass, under epoch 0."""
-    return self._log.keys
-
-  @property
-  def corrupt_counts(self) -> Dict[int, int]:
-    """Number of images left out in the last pass, under epoch 0."""
-    return self._log.counts
 
   def __len__(self) -> int:
     return self.num_batches

@@ -1,7 +1,7 @@
 """Optimizer pieces of the recipe (SPEC section 6) as pure functions of params and config."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import optax
@@ -31,3 +31,19 @@ def adamw(schedule: optax.Schedule, params: Any, *, weight_decay: float = 0.05,
   """AdamW with the recipe's decay mask (no clipping, as the release)."""
   return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                      mask=weight_decay_mask(params))
+
+
+def make_optimizer(params: Any, schedule: optax.Schedule, *, weight_decay: float = 0.05,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   grad_clip_norm: Optional[float] = None) -> optax.GradientTransformation:
+  """The recipe's AdamW with its decay mask, after optional global-norm gradient clipping."""
+  tx = adamw(schedule, params, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps)
+  if grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+  return tx
+
+
+def ema_update(ema: Any, new: Any, decay: float) -> Any:
+  """`decay * ema + (1 - decay) * new`, leaf by leaf, in the EMA's dtype (float32)."""
+  return jax.tree.map(lambda e, n: (decay * e + (1.0 - decay) * n.astype(e.dtype)).astype(e.dtype),
+                      ema, new)

@@ -294,7 +294,18 @@ def image_folder_source(shards_dir: str, split: str = 'train') -> ImageSource:
 
 def get_source(source: str, split: str = 'train', data_dir: Optional[str] = None,
                **tfds_kwargs: Any) -> ImageSource:
-  """'tfds:<name>' -> `tfds_source`; a directory -> `image_folder_source`."""
+  """The one place a `source` string is resolved.
+
+  'tfds:<name>' -> `tfds_source` (in `data_dir`); 'digits' or 'digits:<side>' -> the bundled
+  demo digits (`digits.py`), written under `data_dir` on first use; anything else is a
+  directory written by `write_image_folder_shards`.
+  """
   if source.startswith('tfds:'):
     return tfds_source(source[len('tfds:'):], split, data_dir, **tfds_kwargs)
+  if source == 'digits' or source.startswith('digits:'):
+    from lvvit_jax.data import digits  # pylint: disable=g-import-not-at-top
+    if not data_dir:
+      raise ValueError(f'lvvit_jax/data/sources.py: source {source!r} is written on first use '
+                       'and needs a data_dir to hold it; set data_dir (config.data.data_dir).')
+    return image_folder_source(digits.ensure(data_dir, digits.parse(source)), split)
   return image_folder_source(source, split)

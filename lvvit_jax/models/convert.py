@@ -244,3 +244,50 @@ def checkpoint_overrides(variables: Mapping[str, Any], model_name: str) -> Dict[
   patch = get_config(model_name).patch_size
   grid = int(round(np.sqrt(n)))
   return {'num_classes': int(params['head']['kernel'].shape[1]), 'img_size': grid * patch}
+
+
+def adapt_variables(variables: Mapping[str, Any], target: Mapping[str, Any],
+                    grid: Tuple[int, int], *, source: str = 'checkpoint'
+                    ) -> Tuple[Dict[str, Any], list]:
+  """Fits restored Flax `variables` to a model whose variables have the shapes of `target`.
+
+  A position embedding of another grid is resampled to `grid` (bicubic, cls kept); heads of
+  another class count (`head`, `aux_head`) are left out, for the caller to keep freshly
+  initialised ones. Anything else that differs (a missing or extra variable, another shape)
+  raises `CheckpointMismatchError` listing all of it.
+
+  Returns:
+    (the variables to load, nested like `target` but without dropped heads; the '/'-joined
+    names of the dropped variables).
+  """
+  have = flax.traverse_util.flatten_dict(dict(variables))
+  want = flax.traverse_util.flatten_dict(dict(target))
+  heads_differ = any(k[1] in HEAD_KEYS and k in have and np.shape(have[k]) != np.shape(want[k])
+                     for k in want if len(k) > 1)
+  out, dropped, bad = {}, [], []
+  for key, spec in want.items():
+    if key not in have:
+      continue
+    value = np.asarray(have[key])
+    if (key[-1] == 'pos_embed' and value.ndim == 3 and value.shape != tuple(spec.shape)
+        and value.shape[-1] == spec.shape[-1]):
+      value = resample_pos_embed(value, grid)
+    if heads_differ and len(key) > 1 and key[1] in HEAD_KEYS:
+      dropped.append('/'.join(key))
+      continue
+    if value.shape != tuple(spec.shape):
+      bad.append(f'{"/".join(key)}: {source} {value.shape} vs model {tuple(spec.shape)}')
+      continue
+    out[key] = value
+  missing = sorted('/'.join(k) for k in want if k not in have)
+  unexpected = sorted('/'.join(k) for k in have if k not in want)
+  if missing or unexpected or bad:
+    lines = [f'lvvit_jax/models/convert.py: {source} does not fit the model.']
+    for what, items in (('missing in the checkpoint', missing), ('not in the model', unexpected),
+                        ('shape mismatches', bad)):
+      if items:
+        lines.append(f'{what} ({len(items)}): {items[:20]}{" ..." if len(items) > 20 else ""}')
+    lines.append('Check that the checkpoint is of the configured model (config.model and '
+                 'config.model_overrides); img_size and num_classes may differ.')
+    raise CheckpointMismatchError('\n'.join(lines))
+  return flax.traverse_util.unflatten_dict(out), dropped

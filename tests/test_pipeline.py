@@ -125,7 +125,7 @@ def test_train_batches(folder):
   it = pipeline.make_train_iterator(_cfg(folder, augment=augment.AugmentConfig(image_size=SIZE)))
   for batch in _take(it, 3):
     assert set(batch) == {'image', 'label', 'label_affine', 'topk_logits', 'topk_idx',
-                          'map_box', 'key'}
+                          'map_box', 'has_map', 'key'}
     assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
     assert np.isfinite(batch['image']).all() and np.abs(batch['image']).max() < 10
     assert batch['label'].dtype == np.int32 and batch['label_affine'].shape == (4, 2, 3)

@@ -161,12 +161,9 @@ class _Pairs:
 
 
 def _shard_pairs(cfg: PipelineConfig, with_maps: bool) -> _Pairs:
-  if cfg.source.startswith('tfds:'):
-    source = sources.tfds_source(cfg.source[len('tfds:'):], cfg.split, cfg.data_dir,
-                                 image_feature=cfg.image_feature,
-                                 label_feature=cfg.label_feature, key_feature=cfg.key_feature)
-  else:
-    source = sources.image_folder_source(cfg.source, cfg.split)
+  tfds_features = {'image_feature': cfg.image_feature, 'label_feature': cfg.label_feature,
+                   'key_feature': cfg.key_feature} if cfg.source.startswith('tfds:') else {}
+  source = sources.get_source(cfg.source, cfg.split, cfg.data_dir, **tfds_features)
   n = len(source.shards)
   if n < cfg.process_count:
     raise ValueError(f'lvvit_jax/data/pipeline.py: {cfg.source} split {cfg.split!r} has {n} shards but there are '
@@ -234,7 +231,8 @@ def _read_pairs(pairs: _Pairs, cycle_length: int, parallel: int,
       sm = score_maps.parse_example(map_rec, manifest.grid, manifest.k)
       ok = (img['key'] == sm['key']) & (img['label'] == sm['label']) & sm['shape_ok']
       return dict(img, topk_logits=sm['topk_logits'], topk_idx=sm['topk_idx'],
-                  map_box=sm['map_box'], map_key=sm['key'], map_label=sm['label'], pair_ok=ok)
+                  map_box=sm['map_box'], has_map=sm['has_map'], map_key=sm['key'],
+                  map_label=sm['label'], pair_ok=ok)
 
     joined = tf.data.Dataset.zip((images, maps)).map(join)
     return joined.filter(lambda x: (x['key'] != _END) | (x['map_key'] != _END))
@@ -443,8 +441,9 @@ def train_dataset(cfg: PipelineConfig, start_epoch: int = 0, start_index: int = 
 
   Batches hold `image` (B, S, S, 3), `label` (B,) int32, `label_affine` (B, 2, 3) float32, with
   score maps `topk_logits` (B, h, w, k) float16, `topk_idx` (B, h, w, k) int32, `map_box`
-  (B, 4); `_epoch` and `_index` (B,) int64 (the examples' positions, for the iterator's state);
-  `key` if `include_keys`. Use `make_train_iterator` unless you handle those yourself.
+  (B, 4), `has_map` (B,) bool (False: no map, use the plain label); `_epoch` and `_index` (B,)
+  int64 (the examples' positions, for the iterator's state); `key` if `include_keys`. Use
+  `make_train_iterator` unless you handle those yourself.
   """
   _check_config(cfg)
   aug_cfg = cfg.augment or augment.AugmentConfig(image_size=cfg.image_size)
@@ -493,7 +492,8 @@ def train_dataset(cfg: PipelineConfig, start_epoch: int = 0, start_index: int = 
     out = {'image': tf.cast(x['image'], image_dtype), 'label': tf.cast(x['label'], tf.int32),
            'label_affine': x['label_affine'], '_epoch': x['epoch'], '_index': x['index']}
     if with_maps:
-      out.update(topk_logits=x['topk_logits'], topk_idx=x['topk_idx'], map_box=x['map_box'])
+      out.update(topk_logits=x['topk_logits'], topk_idx=x['topk_idx'], map_box=x['map_box'],
+                 has_map=x['has_map'])
     if cfg.include_keys:
       out['key'] = x['key']
     return out

@@ -15,6 +15,11 @@ Each example (a `tf.train.Example`):
 | `height`, `width`, `k` | int64 | the map's shape (equal to the manifest's `grid` and `k`) |
 | `map_box` | 4 floats | the image region the map covers, normalised (y0, x0, y1, x1) |
 | `label` | int64 | the dataset label of the image, for checks |
+| `has_map` | int64 | optional, 1 if absent: 0 = the image has no map (the map is zeros) |
+
+`has_map` = 0 comes from `labelgen import --allow-missing` (an image without a published map);
+training uses the plain label for such an example. Records written before the feature existed
+lack it and read as 1, so older shards and manifests stay valid (the format version is unchanged).
 
 `manifest.json` beside the shards records the format version, the dataset (name, version,
 split), `grid` = [h, w], `k`, the teacher, and per shard its file, the image shard it pairs with,
@@ -239,8 +244,11 @@ def _check_map(topk_logits: np.ndarray, topk_idx: np.ndarray,
 
 
 def encode_example(key: str | bytes, topk_logits: np.ndarray, topk_idx: np.ndarray, label: int,
-                   map_box: Sequence[float] = FULL_IMAGE_BOX) -> bytes:
-  """Serialises one score map (h, w, k) as a `tf.train.Example`."""
+                   map_box: Sequence[float] = FULL_IMAGE_BOX, has_map: bool = True) -> bytes:
+  """Serialises one score map (h, w, k) as a `tf.train.Example`.
+
+  `has_map=False` marks an image without a map (its map is a placeholder, e.g. zeros).
+  """
   logits, idx, box = _check_map(topk_logits, topk_idx, map_box)
   h, w, k = logits.shape
   key = key.encode() if isinstance(key, str) else bytes(key)
@@ -258,6 +266,7 @@ def encode_example(key: str | bytes, topk_logits: np.ndarray, topk_idx: np.ndarr
       'height': _int(h), 'width': _int(w), 'k': _int(k),
       'map_box': tf.train.Feature(float_list=tf.train.FloatList(value=box.tolist())),
       'label': _int(label),
+      'has_map': _int(bool(has_map)),
   }
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -272,6 +281,7 @@ def decode_example_np(serialized: bytes) -> Dict[str, Any]:
       'topk_idx': np.frombuffer(ex['topk_idx'].bytes_list.value[0], '<i2').reshape(h, w, k),
       'map_box': np.asarray(ex['map_box'].float_list.value, np.float32),
       'label': int(ex['label'].int64_list.value[0]),
+      'has_map': bool(ex['has_map'].int64_list.value[0]) if 'has_map' in ex else True,
   }
 
 
@@ -284,6 +294,8 @@ _FEATURES = {
     'k': tf.io.FixedLenFeature([], tf.int64),
     'map_box': tf.io.FixedLenFeature([4], tf.float32),
     'label': tf.io.FixedLenFeature([], tf.int64),
+    # Optional: shards written before it existed hold a map for every image.
+    'has_map': tf.io.FixedLenFeature([], tf.int64, default_value=1),
 }
 
 
@@ -291,8 +303,9 @@ def parse_example(serialized: tf.Tensor, grid: Tuple[int, int], k: int) -> Dict[
   """Parses a serialised example in graph mode, for maps of the manifest's `grid` and `k`.
 
   Returns `key` (string), `topk_logits` float16 (h, w, k), `topk_idx` int32 (h, w, k), `map_box`
-  float32 (4,), `label` int64 and `shape_ok` (bool: the record's own h, w, k are the manifest's;
-  the caller asserts it together with the key, so a bad record names its shard and position).
+  float32 (4,), `label` int64, `has_map` bool (True for records without the feature) and
+  `shape_ok` (bool: the record's own h, w, k are the manifest's; the caller asserts it together
+  with the key, so a bad record names its shard and position).
   """
   ex = tf.io.parse_single_example(serialized, _FEATURES)
   h, w = grid
@@ -307,7 +320,8 @@ def parse_example(serialized: tf.Tensor, grid: Tuple[int, int], k: int) -> Dict[
   logits = tf.reshape(tf.pad(logits, [[0, tf.maximum(n - tf.size(logits), 0)]])[:n], (h, w, k))
   idx = tf.reshape(tf.pad(idx, [[0, tf.maximum(n - tf.size(idx), 0)]])[:n], (h, w, k))
   return {'key': ex['key'], 'topk_logits': logits, 'topk_idx': tf.cast(idx, tf.int32),
-          'map_box': ex['map_box'], 'label': ex['label'], 'shape_ok': shape_ok}
+          'map_box': ex['map_box'], 'label': ex['label'], 'has_map': ex['has_map'] != 0,
+          'shape_ok': shape_ok}
 
 
 class ShardWriter:
@@ -337,15 +351,19 @@ class ShardWriter:
     self.info: Optional[ShardInfo] = None
 
   def write(self, key: str | bytes, topk_logits: np.ndarray, topk_idx: np.ndarray, label: int,
-            map_box: Sequence[float] = FULL_IMAGE_BOX) -> None:
-    """Appends one example; every map in a shard must have the same (h, w, k)."""
+            map_box: Sequence[float] = FULL_IMAGE_BOX, has_map: bool = True) -> None:
+    """Appends one example; every map in a shard must have the same (h, w, k).
+
+    An image without a map is written with `has_map=False` and a placeholder map of the
+    shard's shape (zeros), so the shard stays aligned with its image shard.
+    """
     shape = np.shape(topk_logits)
     if self._shape is not None and shape != self._shape:
       raise ValueError(f'lvvit_jax/data/score_maps.py: {self.path}: example {self._count} ({key!r}) has a map of shape {shape} '
                        f'but earlier ones are {self._shape}; the teacher must give one map shape '
                        'per dataset (fix its input size).')
     self._shape = shape
-    self._writer.write(encode_example(key, topk_logits, topk_idx, label, map_box))
+    self._writer.write(encode_example(key, topk_logits, topk_idx, label, map_box, has_map))
     self._count += 1
 
   def close(self) -> ShardInfo:

@@ -109,10 +109,12 @@ def check_global_batch(batch_size: int, mesh: Mesh, process_count: int,
 def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   """This process's part of a batch (leading dim = per-process batch) -> global jax.Arrays.
 
-  The transfer to the devices is asynchronous, so calling this one step ahead prefetches.
+  The global batch spans the processes of `mesh` (all of them for the trainer's mesh, one for
+  a mesh of local devices). The transfer to the devices is asynchronous, so calling this one
+  step ahead prefetches.
   """
   sharding = batch_sharding(mesh)
-  n = jax.process_count()
+  n = len({d.process_index for d in mesh.devices.flat})
   out = {}
   for k, v in batch.items():
     v = np.asarray(v)

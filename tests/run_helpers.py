@@ -46,3 +46,46 @@ def write_label_maps(source, out_dir: str, grid=(4, 4), k: int = 3, num_classes:
       grid=tuple(grid), k=k, num_classes=num_classes, teacher={'model': 'synthetic'},
       shards=tuple(infos)))
   return out_dir
+
+
+def write_mock_tfds(data_dir: str, name: str, split: str, shard_lengths=(4, 3, 3),
+                    edit=None):
+  """Examples of `tfds.testing.mock_data` for `name`, stored as a prepared TFDS dataset.
+
+  `edit(i, example) -> example` may change them before they are written. Returns the
+  examples (images as encoded bytes) in shard order.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=sum(shard_lengths)):
+    builder = tfds.builder(name)
+    examples = list(builder.as_dataset(
+        split=split, decoders={'image': tfds.decode.SkipDecoding()}).as_numpy_iterator())
+  if edit is not None:
+    examples = [edit(i, e) for i, e in enumerate(examples)]
+  info = builder.info
+  out = os.path.join(data_dir, name, str(builder.version))
+  os.makedirs(out)
+  template = tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=name, split=split,
+                                           filetype_suffix='tfrecord')
+  info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+      name=split, shard_lengths=list(shard_lengths), num_bytes=0, filename_template=template)]))
+
+  def encodable(example):
+    out = dict(example)
+    out['image'] = io.BytesIO(example['image'])
+    for k, v in out.items():
+      if isinstance(v, bytes):
+        out[k] = v.decode()
+    return out
+
+  start = 0
+  for s, n in enumerate(shard_lengths):
+    path = os.path.join(out, f'{name}-{split}.tfrecord-{s:05d}-of-{len(shard_lengths):05d}')
+    with tf.io.TFRecordWriter(path) as w:
+      for e in examples[start:start + n]:
+        w.write(info.features.serialize_example(encodable(e)))
+    start += n
+  info.write_to_directory(out)
+  return examples

@@ -24,6 +24,7 @@ from lvvit_jax.metrics import read_metrics
 from run_helpers import ROOT
 from run_helpers import load_config
 from run_helpers import write_label_maps
+from run_helpers import write_mock_tfds
 
 RECIPES = ['lvvit.py:variant=t', 'lvvit.py:variant=s', 'lvvit.py:variant=m',
            'lvvit.py:variant=l', 'finetune.py:variant=s', 'transfer.py:variant=s', 'demo.py']
@@ -279,35 +280,6 @@ def test_init_from_a_converted_checkpoint_at_another_size_and_class_count(
 # Evaluation of a checkpoint on mock TFDS data.
 
 
-def _mock_mnist(data_dir, shard_lengths=(4, 3, 3)):
-  """mnist examples from tfds.testing.mock_data stored as a prepared TFDS dataset."""
-  import io
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-  name = 'mnist'
-  with tfds.testing.mock_data(num_examples=sum(shard_lengths)):
-    builder = tfds.builder(name)
-    examples = list(builder.as_dataset(
-        split='test', decoders={'image': tfds.decode.SkipDecoding()}).as_numpy_iterator())
-  info = builder.info
-  out = os.path.join(data_dir, name, str(builder.version))
-  os.makedirs(out)
-  template = tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=name, split='test',
-                                           filetype_suffix='tfrecord')
-  info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-      name='test', shard_lengths=list(shard_lengths), num_bytes=0, filename_template=template)]))
-  start = 0
-  for s, n in enumerate(shard_lengths):
-    path = os.path.join(out, f'{name}-test.tfrecord-{s:05d}-of-{len(shard_lengths):05d}')
-    with tf.io.TFRecordWriter(path) as w:
-      for e in examples[start:start + n]:
-        w.write(info.features.serialize_example({'image': io.BytesIO(e['image']),
-                                                 'label': e['label']}))
-    start += n
-  info.write_to_directory(out)
-  return examples
-
-
 @pytest.mark.slow
 def test_eval_mode_counts_every_example_once(digits_data, tmp_path):
   config = _runlocal('lvvit.py:variant=t', digits_data, total_steps=2, log_every=1,
@@ -315,24 +287,46 @@ def test_eval_mode_counts_every_example_once(digits_data, tmp_path):
   trained = str(tmp_path / 'trained')
   train.train_and_evaluate(config, trained)
   tfds_dir = str(tmp_path / 'tfds')
-  examples = _mock_mnist(tfds_dir)
+  examples = write_mock_tfds(tfds_dir, 'mnist', 'test')
+  from lvvit_jax.data.sources import MAX_LABELS
+  real = write_mock_tfds(  # Examples 1 and 4 have no correct class (ReaL leaves them out).
+      tfds_dir, 'imagenet2012_real', 'validation', (3, 3),
+      edit=lambda i, e: dict(e, real_label=e['real_label'][:0 if i in (1, 4) else MAX_LABELS]))
   config.mode = 'eval'
   config.init_from = trained
   config.data.data_dir = tfds_dir
   config.data.eval_batch_size = 8   # 10 examples -> 3 + 3 + 4 per process: one padded batch
-  config.evals = {'val': {'source': 'tfds:mnist', 'split': 'test'}}
+  config.evals = {'val': {'source': 'tfds:mnist', 'split': 'test'},
+                  'real': {'source': 'tfds:imagenet2012_real', 'split': 'validation',
+                           'label_feature': 'real_label', 'optional': True},
+                  'v2': {'source': 'tfds:imagenet_v2', 'split': 'test', 'optional': True}}
   results = train.evaluate_checkpoint(config, str(tmp_path / 'eval'))
   assert results['eval/val/count'] == len(examples) == 10
+  assert 'eval/v2/top1' not in results   # optional and not prepared: skipped
+  # ReaL: an example counts when it has correct classes, and is right if it predicts any.
+  with_labels = [e for e in real if len(e['real_label'])]
+  assert results['eval/real/count'] == len(with_labels) == 4
   # The same numbers by hand: the EMA weights' predictions on the same eval batches.
   variables, _ = checkpoints.load_model_variables(trained, ema=True)
   model = train.build_model(config)
-  it = train.make_eval_splits(config, str(tmp_path / 'eval'), model)[0].iterator
+  splits = {s.name: s for s in train.make_eval_splits(config, str(tmp_path / 'eval'), model)}
+  assert sorted(splits) == ['real', 'val']
+  it = splits['val'].iterator
   correct = count = 0
   for b in it:
     pred = np.argmax(np.asarray(model.apply(variables, b['image'])), -1)
     correct += int(((pred == b['label']) & b['mask']).sum())
     count += int(b['mask'].sum())
   assert count == 10 and results['eval/val/top1'] == pytest.approx(correct / 10)
+  batches = list(splits['real'].iterator)
+  labels = sorted(tuple(sorted(int(c) for c in row if c >= 0)) for b in batches
+                  for row, m in zip(b['labels'], b['mask']) if m)
+  assert labels == sorted(tuple(sorted(int(c) for c in e['real_label'])) for e in real), (
+      labels, [e['real_label'] for e in real])
+  hits = sum(int(np.argmax(np.asarray(model.apply(variables, b['image'][i:i + 1])))
+                 in set(b['labels'][i]) - {-1})
+             for b in batches for i in range(len(b['mask'])) if b['mask'][i])
+  assert results['eval/real/top1'] == pytest.approx(hits / 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,3 +400,17 @@ def test_init_from_another_model_is_named(converted, digits_data, tmp_path, no_c
                      match=r'holds a lvvit_t \(.*dim=240.*\) but config.model is lvvit_s '
                            r'\(.*dim=384'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_topk_hits_single_and_multi_label():
+  from lvvit_jax import evaluate
+  logits = np.array([[0, 5, 4, 3, 2, 1, 0.5],     # top-1 class 1, top-5 {1, 2, 3, 4, 5}
+                     [9, 0, 0, 0, 0, 0, 1],       # top-1 class 0
+                     [0, -1, .1, .2, .3, .4, 7],  # top-1 class 6, top-5 {6, 5, 4, 3, 2}
+                     [1, 2, 3, 4, 5, 6, 7]], np.float32)
+  mask = np.array([True, True, True, False])
+  single = evaluate.topk_hits(logits, np.array([2, 0, 1, 6]), mask)
+  assert {k: int(v) for k, v in single.items()} == {'top1': 1, 'top5': 2, 'count': 3}
+  multi = np.array([[3, 1, -1], [-1, -1, -1], [5, 4, -1], [6, -1, -1]])
+  hits = evaluate.topk_hits(logits, multi, mask)   # row 1 has no label: not counted
+  assert {k: int(v) for k, v in hits.items()} == {'top1': 1, 'top5': 2, 'count': 2}

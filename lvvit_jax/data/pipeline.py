@@ -589,7 +589,8 @@ def eval_dataset(cfg: PipelineConfig,
   """The batched eval dataset of this process, its number of batches and of real examples.
 
   Batches hold `image` (B, S, S, 3), `label` (B,) int32 and `mask` (B,) bool (False for the
-  padding); `key` if `include_keys`. Every process yields the same number of batches,
+  padding); with a multi-label source (ImageNet-ReaL) `labels` (B, MAX_LABELS) int32, the
+  correct classes padded with -1; `key` if `include_keys`. Every process yields the same number of batches,
   ceil(max over processes of its examples / B). An image that cannot be decoded is reported and
   left out (the padding absorbs it).
   """
@@ -613,9 +614,13 @@ def eval_dataset(cfg: PipelineConfig,
   ds = _handle_missing(ds, corrupt_log or _CorruptLog(math.inf, 'eval'), cfg.on_corrupt)
   image_dtype = tf.bfloat16 if cfg.image_dtype == 'bfloat16' else tf.float32
 
+  multi_label = pairs.source.multi_label
+
   def select(x):
     out = {'image': tf.cast(x['image'], image_dtype), 'label': tf.cast(x['label'], tf.int32),
            'mask': tf.constant(True)}
+    if multi_label:  # Several correct classes (ImageNet-ReaL), padded with -1.
+      out['labels'] = tf.cast(x['labels'], tf.int32)
     if cfg.include_keys:
       out['key'] = x['key']
     return out
@@ -623,6 +628,8 @@ def eval_dataset(cfg: PipelineConfig,
   ds = ds.map(select)
   pad = {'image': tf.zeros([size, size, 3], image_dtype), 'label': tf.constant(0, tf.int32),
          'mask': tf.constant(False)}
+  if multi_label:
+    pad['labels'] = tf.fill([sources.MAX_LABELS], -1)
   if cfg.include_keys:
     pad['key'] = tf.constant('')
   # Padding to the same number of full batches on every process; it also stands in for

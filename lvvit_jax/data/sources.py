@@ -30,6 +30,9 @@ import tensorflow as tf
 IMAGE_FOLDER_INFO = 'dataset_info.json'
 IMAGE_FOLDER_FORMAT = 'lvvit_jax.image_folder_shards'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# Correct classes kept per example of a multi-label feature (a static shape; ImageNet-ReaL's
+# lists are much shorter, TFDS's mock data makes up to a few dozen).
+MAX_LABELS = 32
 # Features looked for, in order, when the key feature is 'auto'.
 KEY_FEATURE_CANDIDATES = ('file_name', 'filename', 'image/filename', 'image/file_name')
 
@@ -56,7 +59,7 @@ class ImageSource:
     shards: the split's shards, in the dataset's order.
     num_classes: number of classes.
     image_feature: the feature holding the encoded image bytes.
-    label_feature: the feature holding the int label.
+    label_feature: the feature holding the int label (or, with `multi_label`, a list of them).
     key_feature: the feature holding the example's key, or None for TFDS-style ids.
   """
   name: str
@@ -67,6 +70,7 @@ class ImageSource:
   image_feature: str = 'image'
   label_feature: str = 'label'
   key_feature: Optional[str] = 'file_name'
+  multi_label: bool = False
 
   @property
   def num_examples(self) -> int:
@@ -74,9 +78,16 @@ class ImageSource:
 
   def parse(self, serialized: tf.Tensor, shard_name: tf.Tensor,
             position: tf.Tensor) -> Dict[str, tf.Tensor]:
-    """Parses one record (graph mode): {'encoded': string, 'label': int64, 'key': string}."""
+    """Parses one record (graph mode): {'encoded': string, 'label': int64, 'key': string}.
+
+    With `multi_label` (e.g. ImageNet-ReaL's `real_label`) also 'labels': int64
+    (MAX_LABELS,), the example's correct classes padded with -1; 'label' is the first (-1 when
+    there is none).
+    """
+    label_spec = (tf.io.VarLenFeature(tf.int64) if self.multi_label
+                  else tf.io.FixedLenFeature([], tf.int64))
     spec = {self.image_feature: tf.io.FixedLenFeature([], tf.string),
-            self.label_feature: tf.io.FixedLenFeature([], tf.int64)}
+            self.label_feature: label_spec}
     if self.key_feature:
       spec[self.key_feature] = tf.io.FixedLenFeature([], tf.string)
     ex = tf.io.parse_single_example(serialized, spec)
@@ -84,7 +95,12 @@ class ImageSource:
       key = ex[self.key_feature]
     else:
       key = tf.strings.join([shard_name, '__', tf.strings.as_string(position)])
-    return {'encoded': ex[self.image_feature], 'label': ex[self.label_feature], 'key': key}
+    out = {'encoded': ex[self.image_feature], 'label': ex[self.label_feature], 'key': key}
+    if self.multi_label:
+      labels = tf.sparse.to_dense(ex[self.label_feature], default_value=-1)[:MAX_LABELS]
+      labels = tf.pad(labels, [[0, MAX_LABELS - tf.shape(labels)[0]]], constant_values=-1)
+      out.update(labels=tf.ensure_shape(labels, [MAX_LABELS]), label=labels[0])
+    return out
 
   def shard_dataset(self, index: int) -> tf.data.Dataset:
     """The examples of shard `index` in file order, parsed (for labelgen and checks)."""
@@ -149,10 +165,13 @@ def tfds_source(name: str, split: str = 'train', data_dir: Optional[str] = None,
       raise ValueError(f'lvvit_jax/data/sources.py: TFDS shard {s.path} listed in {builder.data_dir}/dataset_info.json is '
                        'missing: the dataset was not fully prepared; prepare it again.')
   label = info.features[label_feature]
+  multi_label = len(serialized[label_feature].shape) == 1   # A Sequence of ClassLabels.
+  label = getattr(label, 'feature', label) if multi_label else label
   num_classes = int(getattr(label, 'num_classes', 0) or 0)
   return ImageSource(name=info.name, version=str(info.version), split=split, shards=shards,
                      num_classes=num_classes, image_feature=image_feature,
-                     label_feature=label_feature, key_feature=key_feature)
+                     label_feature=label_feature, key_feature=key_feature,
+                     multi_label=multi_label)
 
 
 def _image_folder_files(root: str, extensions: Sequence[str]) -> Tuple[List[str], List[str]]:

@@ -1,15 +1,18 @@
-"""Trains or evaluates LV-ViT from a config file.
+"""Trains or evaluates LV-ViT, or makes score maps with a teacher, from a config file.
 
     python main.py --config configs/lvvit.py:variant=s --workdir W                 # train
     python main.py --config configs/lvvit.py:variant=s --workdir W \\
         --config.mode=eval --config.init_from=CKPT                                   # evaluate
     python main.py --config configs/demo.py --workdir workdir/demo                  # make demo
+    python main.py --config configs/labelgen.py --workdir W \\
+        --config.teacher=CKPT --config.out=DIR                                      # score maps
 
 `config.mode` is 'train' (train and evaluate; a rerun with the same workdir resumes from its
 latest checkpoint) or 'eval'. Multi-process runs (several hosts, or several processes on one
 host): on a TPU pod slice or a SLURM allocation JAX finds its peers from the environment; by
 hand, start every process with --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I (the same address everywhere: process 0's host and a free port).
+`configs/labelgen.py` sets mode 'labelgen': a teacher's score maps (`labelgen/generate.py`).
 """
 import logging as py_logging
 
@@ -27,7 +30,7 @@ flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.
 flags.DEFINE_integer('process_id', None, 'Multi-process: this process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = ('train', 'eval')
+MODES = ('train', 'eval', 'labelgen')
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -56,6 +59,9 @@ def main(argv):
                jax.device_count(), jax.devices()[0].device_kind)
   if config.mode == 'train':
     train.train_and_evaluate(config, FLAGS.workdir)
+  elif config.mode == 'labelgen':
+    from labelgen import generate  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    generate.generate_from_config(config, FLAGS.workdir)
   else:
     train.evaluate_checkpoint(config, FLAGS.workdir)
 

@@ -64,6 +64,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.threadpool_size = config_dict.placeholder(int)
   c.data.prefetch = 2
   c.data.on_corrupt = 'skip'
+  c.data.log_keys = False            # debugging: WORKDIR/keys/process_<i>.txt, every example read
 
   # Augmentation (SPEC section 6): random-resized crop, flip, RandAugment m9-mstd0.5, erasing.
   c.aug = ml_collections.ConfigDict()

@@ -1,5 +1,7 @@
 r"""`python -m labelgen <command>`: make or inspect token-label score maps.
 
+    python -m labelgen generate --teacher CKPT --source tfds:imagenet2012 --out maps/teacher \
+        [--size 384 --crop centre --k 5 --batch 64]
     python -m labelgen import --labels label_top5_train_nfnet.zip --source tfds:imagenet2012 \
         --out maps/nfnet_f6
     python -m labelgen show --source tfds:imagenet2012 --shards maps/nfnet_f6 --index 0 \
@@ -15,9 +17,10 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-# command -> (module, one-line help). `generate` (teacher -> score maps) goes here as
-# ('labelgen.generate', ...) once labelgen/generate.py exists.
+# command -> (module, one-line help).
 _COMMANDS = {
+    'generate': ('labelgen.generate',
+                 'run a teacher densely over a dataset and write its top-k score-map shards'),
     'import': ('labelgen.import_maps',
                'convert published .pt label maps (NFNet-F6, ReLabel) into score-map shards'),
     'show': ('labelgen.show', "draw an example's image with its token labels (PNG)"),

@@ -19,9 +19,10 @@ Images are matched to label files by key: a TFDS `imagenet2012` file name
 the first names are listed) unless `--allow-missing`: then it is written with an all-zero map and
 `has_map` = 0, and training uses its plain label. Label files without an image are reported.
 
-Resumable: the manifest is rewritten after every shard (an unfinished directory lists only the
-finished shards, which the input pipeline reports as "labelgen did not finish"), and a rerun
-keeps every shard whose file still has the SHA-256 in the manifest, made with the same settings.
+Resumable (`labelgen/resume.py`): the manifest is rewritten after every shard (an unfinished
+directory lists only the finished shards, which the input pipeline reports as "labelgen did not
+finish"), and a rerun keeps every shard whose file still has the SHA-256 in the manifest, made
+with the same settings.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from PIL import Image
 import tensorflow as tf
 
 from labelgen import pt_files
+from labelgen import resume
 from lvvit_jax.data import score_maps
 from lvvit_jax.data import sources
 
@@ -250,40 +252,18 @@ def _chunks(it: Iterator[Any], n: int) -> Iterator[List[Any]]:
     yield chunk
 
 
-def _previous_shards(out: str, want: score_maps.Manifest, log: TextIO
-                     ) -> Dict[str, score_maps.ShardInfo]:
-  """Shards of an earlier run in `out` made with the same settings, by image shard."""
-  if not tf.io.gfile.exists(os.path.join(out, score_maps.MANIFEST_NAME)):
-    return {}
-  try:
-    old = score_maps.read_manifest(out)
-  except score_maps.ScoreMapError as e:
-    print(f'labelgen import: ignoring the unreadable manifest in {out} ({e}); rewriting every '
-          'shard.', file=log)
-    return {}
-  same = ((old.dataset, old.version, old.split, old.grid, old.k, old.num_classes,
-           dict(old.teacher)) == (want.dataset, want.version, want.split, want.grid, want.k,
-                                  want.num_classes, dict(want.teacher)))
-  if not same:
-    print(f'labelgen import: {out}/{score_maps.MANIFEST_NAME} was made for other data or '
-          'settings; rewriting every shard.', file=log)
-    return {}
-  return {s.image_shard: s for s in old.shards}
-
-
 def _keep_previous(out: str, info: Optional[score_maps.ShardInfo], shard: sources.ImageShard,
                    labels: pt_files.LabelFiles, allow_missing: bool
                    ) -> Optional[List[Tuple[str, bool]]]:
   """The (key, has_map) of a finished shard that can be kept as it is, else None.
 
-  Kept: the file's SHA-256 is the manifest's, its count the image shard's, and each image it
-  has no map for still has no label file (and --allow-missing is given).
+  Kept: `resume.is_finished` (the file's SHA-256 is the manifest's, its count the image
+  shard's), and each image it has no map for still has no label file (and --allow-missing is
+  given).
   """
-  if info is None or info.num_examples != shard.num_examples:
+  if not resume.is_finished(out, info, shard.num_examples):
     return None
   path = os.path.join(out, info.file)
-  if not tf.io.gfile.exists(path) or score_maps.file_sha256(path) != info.sha256:
-    return None
   records = [score_maps.decode_example_np(r)
              for r in tf.data.TFRecordDataset(path).as_numpy_iterator()]
   if len(records) != shard.num_examples:
@@ -341,12 +321,12 @@ def import_labels(labels: str, source: str, out: str, *, split: str = 'train',
       dataset=src.name, version=src.version, split=split, grid=grid, k=k,
       num_classes=src.num_classes, teacher=dict(form.teacher, format=form.name, map_box=box_mode),
       shards=())
-  previous = _previous_shards(out, want, log)
+  previous = resume.previous_shards(out, want, log, 'labelgen import')
   tf.io.gfile.makedirs(out)
 
   summary = ImportSummary()
   used = set()
-  infos: List[score_maps.ShardInfo] = []
+  finished = resume.FinishedShards(out, want)
   converted_images = 0
   blank = (np.zeros(grid + (k,), np.float16), np.zeros(grid + (k,), np.int16))
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
@@ -370,7 +350,7 @@ def import_labels(labels: str, source: str, out: str, *, split: str = 'train',
         used.update(r.label_key for r in results if r.logits is not None)
         summary.unreadable.extend(r.key for r in results if r.size_unknown)
         if missing and not allow_missing:
-          if len(missing) == len(results) and not infos:
+          if len(missing) == len(results) and not finished.infos:
             raise LabelImportError(
                 f'{_FILE}: none of the {len(results)} images of the first shard {shard.path} '
                 f'has a label file in {labels} (e.g. {results[0].key!r} needs '
@@ -389,10 +369,9 @@ def import_labels(labels: str, source: str, out: str, *, split: str = 'train',
           summary.shards_written += 1
           status = 'written'
       if info is not None:
-        infos.append(info)
+        finished.add(info)
         summary.images += info.num_examples
         summary.bytes += tf.io.gfile.stat(os.path.join(out, info.file)).length
-        score_maps.write_manifest(out, dataclasses.replace(want, shards=tuple(infos)))
       rate = converted_images / max(time.time() - start, 1e-9)
       print(f'labelgen import: shard {i + 1}/{len(src.shards)} {shard.name}: '
             f'{shard.num_examples} images {status}; {rate:.0f} images/s', file=log, flush=True)
@@ -400,7 +379,7 @@ def import_labels(labels: str, source: str, out: str, *, split: str = 'train',
   summary.extra = sorted(set(files.keys()) - used)
   files.close()
   summary.seconds = time.time() - start
-  summary.manifest = dataclasses.replace(want, shards=tuple(infos))
+  summary.manifest = finished.manifest
   score_maps.write_manifest(out, summary.manifest)
   print(summary.describe(), file=log, flush=True)
   if summary.missing and not allow_missing:

@@ -49,8 +49,8 @@ def evaluate(eval_step: Callable, variables: Any, batches: Iterable[Mapping[str,
              mesh: jax.sharding.Mesh, *, num_batches: Optional[int] = None,
              desc: str = 'eval', progress: bool = True) -> Dict[str, float]:
   """Runs a jitted `eval_step` over host `batches`; returns top1, top5 (fractions) and count."""
-  totals = jax.device_put({'top1': np.int32(0), 'top5': np.int32(0), 'count': np.int32(0)},
-                          sharding.replicated(mesh))
+  totals = {k: sharding.put(np.int32(0), sharding.replicated(mesh))
+            for k in ('top1', 'top5', 'count')}
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

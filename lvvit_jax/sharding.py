@@ -124,6 +124,16 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   return out
 
 
+def put(value: Any, sharding_: jax.sharding.Sharding) -> jax.Array:
+  """A host value (the same on every process) as a global array with `sharding_`.
+
+  Unlike `jax.device_put` of an array that lives on one device, this works when the sharding
+  spans other processes' devices: each process fills in the shards it holds.
+  """
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
+
+
 def fetch(tree: Any) -> Any:
   """Replicated (or fully addressable) device values -> NumPy, also in multi-process runs."""
   def get(x):

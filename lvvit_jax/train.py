@@ -154,12 +154,16 @@ class TrainInput:
     p, n = jax.process_index(), jax.process_count()
     self.streams = list(range(p * streams // n, (p + 1) * streams // n))
     per_stream = config.batch_size // streams
+    # config.data.log_keys (debugging): every example's key, one line each, per process.
+    self.keys_file = (os.path.join(workdir, 'keys', f'process_{p}.txt')
+                      if config.data.get('log_keys') else None)
     self.iterators = {}
     for s in self.streams:
       cfg = pipeline_config(config, workdir, source=config.data.source,
                             split=config.data.train_split, batch_size=per_stream, stream=s,
                             num_streams_=streams, train=True,
                             score_maps_dir=config.data.score_maps_dir)
+      cfg = dataclasses.replace(cfg, include_keys=self.keys_file is not None)
       self.iterators[s] = pipeline.make_train_iterator(cfg, (states or {}).get(s))
 
   def __iter__(self) -> 'TrainInput':
@@ -168,6 +172,10 @@ class TrainInput:
   def __next__(self) -> Tuple[Dict[str, np.ndarray], Dict[int, Dict[str, int]]]:
     parts = [next(self.iterators[s]) for s in self.streams]
     batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    if self.keys_file:
+      os.makedirs(os.path.dirname(self.keys_file), exist_ok=True)
+      with open(self.keys_file, 'a') as f:
+        f.writelines(k.decode() + '\n' for k in batch.pop('key'))
     return batch, {s: self.iterators[s].state() for s in self.streams}
 
 
@@ -377,7 +385,7 @@ def apply_init(state: TrainState, variables: Mapping[str, Any], shardings: Train
     new = flax.traverse_util.flatten_dict(loaded)
     shard = flax.traverse_util.flatten_dict(target_sharding)
     for k, v in new.items():
-      flat[k] = jax.device_put(np.asarray(v, flat[k].dtype), shard[k])
+      flat[k] = sharding.put(np.asarray(v, flat[k].dtype), shard[k])
     return flax.traverse_util.unflatten_dict(flat)
 
   params = merged(state.params, variables.get('params', {}), shardings.params)
@@ -549,7 +557,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = jax.jit(lambda r: init_train_state(model, tx, r), out_shardings=shardings)(init_rng)
     if init_variables is not None:
       state = apply_init(state, init_variables, shardings)
-  rng = jax.device_put(rng, sharding.replicated(mesh))
+  rng = jax.random.wrap_key_data(
+      sharding.put(jax.random.key_data(rng), sharding.replicated(mesh)))
   start_step = int(sharding.fetch(state.step))
   logging.info('Training %s (%s) for %d steps from step %d: global batch %d (%d per process), '
                '%d examples/epoch, mesh %s, %d data streams.', config.model, compute_dtype(config),
@@ -649,7 +658,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
                      f'config.num_classes={config.num_classes}; set the class count it was '
                      'trained with.')
   shardings = sharding.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  variables = jax.tree.map(lambda v, s: jax.device_put(np.asarray(v, np.float32), s), variables,
+  variables = jax.tree.map(lambda v, s: sharding.put(np.asarray(v, np.float32), s), variables,
                            shardings)
   eval_step = make_predict(model, shardings, mesh)
   results = run_evals(eval_step, variables, splits, mesh)

@@ -32,3 +32,17 @@ def test_token_targets_benchmark_prints_the_share_of_the_step():
              '--num-classes', '10', '--grid', '4', '--map', '6', '--k', '3',
              '--model', 'lvvit_t', '--steps', '1', '--warmup', '1')
   assert re.search(r'targets\[scatter\] \+ MixToken = [0-9.]+% of the lvvit_t step', out), out
+
+
+@pytest.mark.slow
+def test_labelgen_benchmark_prints_images_per_second_and_bytes_per_image():
+  out = _run('benchmarks/labelgen.py', '--model', 'lvvit_t', '--size', '32', '--images', '8',
+             '--batch', '4', '--num-classes', '10', '--steps', '1')
+  rates = re.findall(r'^(teacher step|labelgen generate) .*? ([0-9.]+) images/s', out, re.M)
+  assert [r[0] for r in rates] == ['teacher step', 'labelgen generate'], out
+  assert all(float(r[1]) > 0 for r in rates), out
+  # 2x2 maps of top-5 float16 logits and int16 indices: 80 bytes of map per image, plus the
+  # record's key, label and box.
+  per_image = re.search(r'^score maps 2x2 x top-5 +([0-9]+) bytes per image$', out, re.M)
+  assert per_image and 80 < int(per_image[1]) < 1000, out
+  assert re.search(r'^device: cpu ', out, re.M), out

@@ -268,7 +268,10 @@ def encode_example(key: str | bytes, topk_logits: np.ndarray, topk_idx: np.ndarr
       'label': _int(label),
       'has_map': _int(bool(has_map)),
   }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  # Deterministic field order: the same map gives the same bytes (and shard SHA-256) in any
+  # process.
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+      deterministic=True)
 
 
 def decode_example_np(serialized: bytes) -> Dict[str, Any]:

@@ -16,9 +16,9 @@ from lvvit_jax.models import create_model
 from lvvit_jax.models.convert import CheckpointMismatchError
 from lvvit_jax.models.convert import load_torch_checkpoint
 from lvvit_jax.models.convert import resample_pos_embed
-from torch_lvvit import TorchLVViT
-from torch_lvvit import nhwc_to_nchw
-from torch_lvvit import perturb_
+from tests.torch_lvvit import TorchLVViT
+from tests.torch_lvvit import nhwc_to_nchw
+from tests.torch_lvvit import perturb_
 
 NAME = 'lvvit_t'
 IMG, CLASSES = 64, 10  # 64 -> 32 after conv1 -> 4x4 tokens with proj 8x8/8.

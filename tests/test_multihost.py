@@ -22,8 +22,8 @@ from lvvit_jax import checkpoints
 from lvvit_jax import train
 from lvvit_jax.data import sources
 from lvvit_jax.metrics import read_metrics
-from run_helpers import ROOT
-from run_helpers import load_config
+from tests.run_helpers import ROOT
+from tests.run_helpers import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -139,17 +139,26 @@ def two_process_run(small_data, tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope='module')
+def one_process_run(small_data, tmp_path_factory):
+  """The same run in one process on 4 devices (in this process)."""
+  workdir = str(tmp_path_factory.mktemp('one') / 'run')
+  train.train_and_evaluate(_config(small_data), workdir)
+  return workdir
+
+
 # ------------------------------------------------------------------------------------------------
 # Two processes equal one.
 
 
 @pytest.mark.parametrize('fsdp', [1, 2])
-def test_two_processes_equal_one(fsdp, small_data, two_process_run, tmp_path):
-  more = {'mesh.fsdp': fsdp, 'mesh.fsdp_min_size': 1024}
-  one = str(tmp_path / 'one')
-  train.train_and_evaluate(_config(small_data, **more), one)
-  two = two_process_run if fsdp == 1 else str(tmp_path / 'two')
-  if fsdp != 1:
+def test_two_processes_equal_one(fsdp, small_data, one_process_run, two_process_run, tmp_path):
+  if fsdp == 1:
+    one, two = one_process_run, two_process_run
+  else:
+    more = {'mesh.fsdp': fsdp, 'mesh.fsdp_min_size': 1024}
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    train.train_and_evaluate(_config(small_data, **more), one)
     _run(two, _overrides(small_data, **more))
   l1, l2 = _losses(one), _losses(two)
   assert [s for s, _ in l1] == [s for s, _ in l2] == list(range(1, STEPS + 1))
@@ -221,3 +230,98 @@ def test_sigterm_to_one_process_saves_both_and_resumes(small_data, two_process_r
   assert 3 <= stopped < STEPS
   _run(workdir, _overrides(small_data, checkpoint_every=100))
   _assert_same(_arrays(two_process_run), _arrays(workdir))
+
+
+def test_resume_on_another_mesh_and_process_count(small_data, two_process_run, tmp_path):
+  """Two processes x 2 devices killed; resumed by one process with 2 devices (resharded)."""
+  workdir = str(tmp_path / 'run')
+  procs = _launch(workdir, _overrides(small_data))
+  _wait_for(procs, r'step 5: loss')
+  for p in procs:
+    p.kill()
+  _finish(procs)
+  latest = checkpoints.TrainCheckpoints(workdir, read_only=True).latest_step()
+  out = _run(workdir, _overrides(small_data), processes=1, devices=2)[0]
+  assert f'Resumed from {workdir}/checkpoints/{latest}' in out
+  assert "restoring onto {'data': 2, 'fsdp': 1, 'processes': 1} (resharded)" in out
+  keys = ('params', 'ema_params', 'batch_stats')
+  _assert_same(_arrays(two_process_run, keys=keys), _arrays(workdir, keys=keys), rtol=1e-4)
+  np.testing.assert_allclose([v for _, v in _losses(workdir)][-2:],
+                             [v for _, v in _losses(two_process_run)][-2:], rtol=1e-5)
+
+
+_HANG_IN_SAVE = """
+import sys, time
+from absl import app
+from lvvit_jax import checkpoints
+import main
+save = checkpoints.ProcessJsonHandler.save
+def hang_at_step_4(self, directory, args):
+  if '/4.orbax-checkpoint-tmp' in str(directory):   # The test SIGKILLs the process here.
+    print('HANGING IN THE SAVE OF STEP 4', flush=True)
+    time.sleep(600)
+  return save(self, directory, args)
+checkpoints.ProcessJsonHandler.save = hang_at_step_4
+sys.argv = ['main.py'] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+def test_sigkill_during_an_async_save(small_data, one_process_run, tmp_path):
+  workdir = str(tmp_path / 'run')
+  args = [f'--config=configs/lvvit.py:variant=t,runlocal', f'--workdir={workdir}'] + [
+      f'--config.{k}={v}' for k, v in _overrides(small_data).items()]
+  proc = subprocess.Popen([sys.executable, '-c', _HANG_IN_SAVE, *args], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  _wait_for([proc], 'HANGING IN THE SAVE OF STEP 4')
+  proc.kill()
+  _finish([proc])
+  names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  partial = [n for n in names if n.startswith('4.orbax-checkpoint-tmp')]
+  assert partial and '2' in names and '4' not in names, names
+  out = _run(workdir, _overrides(small_data), processes=1, devices=4)[0]
+  assert f'checkpoints/{partial[0]} is an incomplete checkpoint' in out
+  assert f'Resumed from {workdir}/checkpoints/2' in out
+  _assert_same(_arrays(one_process_run), _arrays(workdir))
+
+
+def test_a_checkpoint_of_another_model_is_refused(small_data, one_process_run, tmp_path):
+  config = load_config('lvvit.py:variant=s,runlocal', **_overrides(small_data))
+  with pytest.raises(checkpoints.RunMismatchError,
+                     match=r'checkpoints/7 is a checkpoint of lvvit_t \(img_size 64, 10 classes, '
+                           r'dim 240, depth 1\) but the config describes lvvit_s \(img_size 64, '
+                           r'10 classes, dim 384, depth 1\)'):
+    train.train_and_evaluate(config, one_process_run)
+  with pytest.raises(checkpoints.RunMismatchError,
+                     match=r"another data order: \(checkpoint, config\) = \{'num_streams': "
+                           r"\(2, 3\)\}"):
+    train.train_and_evaluate(_config(small_data, **{'data.num_streams': 3, 'batch_size': 12,
+                                                    'mesh.data': 2, 'mesh.fsdp': 2}),
+                             one_process_run)
+
+
+def test_check_run_names_class_count_and_image_size():
+  config = load_config('lvvit.py:variant=t,runlocal')
+  model = train.build_model(config)
+  mesh = train.sharding.make_mesh()
+  stored = train.run_description(config, model, 1, mesh)
+  config.num_classes, config.img_size = 100, 96
+  current = train.run_description(config, train.build_model(config), 1, mesh)
+  with pytest.raises(checkpoints.RunMismatchError,
+                     match=r"lvvit_t \(img_size 64, 10 classes.* but the config describes "
+                           r"lvvit_t \(img_size 96, 100 classes.*differing: \['img_size', "
+                           r"'num_classes'\]"):
+    checkpoints.check_run(stored, current, where='W/checkpoints/5')
+
+
+def test_a_non_finite_loss_stops_without_saving(small_data, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = _config(small_data, lr=1e30, checkpoint_every=1, log_every=100)
+  with pytest.raises(FloatingPointError, match=r'the loss is (nan|inf) at step \d+; training '
+                                               r'stops without saving it') as error:
+    train.train_and_evaluate(config, workdir)
+  bad = int(re.search(r'at step (\d+)', str(error.value)).group(1))
+  assert bad > 1   # The first step is finite: a step was saved before the NaN...
+  # ...and nothing from the bad step on (keep=3 keeps the last three good ones).
+  assert checkpoints.TrainCheckpoints(workdir, read_only=True).all_steps() == list(
+      range(max(1, bad - 3), bad))

@@ -20,9 +20,9 @@ import torch
 
 from lvvit_jax.models import create_model
 from lvvit_jax.models.convert import load_torch_checkpoint
-from torch_lvvit import TorchLVViT
-from torch_lvvit import nhwc_to_nchw
-from torch_lvvit import perturb_
+from tests.torch_lvvit import TorchLVViT
+from tests.torch_lvvit import nhwc_to_nchw
+from tests.torch_lvvit import perturb_
 
 ATOL = 1e-4
 VARIANTS = ['lvvit_t', 'lvvit_s']

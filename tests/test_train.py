@@ -21,10 +21,10 @@ from lvvit_jax import checkpoints
 from lvvit_jax import sharding
 from lvvit_jax import train
 from lvvit_jax.metrics import read_metrics
-from run_helpers import ROOT
-from run_helpers import load_config
-from run_helpers import write_label_maps
-from run_helpers import write_mock_tfds
+from tests.run_helpers import ROOT
+from tests.run_helpers import load_config
+from tests.run_helpers import write_label_maps
+from tests.run_helpers import write_mock_tfds
 
 RECIPES = ['lvvit.py:variant=t', 'lvvit.py:variant=s', 'lvvit.py:variant=m',
            'lvvit.py:variant=l', 'finetune.py:variant=s', 'transfer.py:variant=s', 'demo.py']
@@ -236,8 +236,8 @@ def converted(tmp_path_factory):
   """A converted PyTorch lvvit_t (depth 2) at 32 px with 5 classes."""
   import torch
   from lvvit_jax.models import convert
-  from torch_lvvit import TorchLVViT
-  from torch_lvvit import perturb_
+  from tests.torch_lvvit import TorchLVViT
+  from tests.torch_lvvit import perturb_
   torch.manual_seed(0)
   model = perturb_(TorchLVViT.from_variant('lvvit_t', img_size=32, num_classes=5, depth=2), 0)
   base = tmp_path_factory.mktemp('converted')

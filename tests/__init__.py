@@ -1,0 +1,1 @@
+"""The test suite (a package, so benchmarks can reuse its PyTorch reference model)."""

@@ -24,8 +24,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Benchmarks are modules of the `benchmarks` package (they share helpers by import).
 bench: $(STAMP)
-	$(PY) benchmarks/model_step.py --model lvvit_s --batch 8 --dtype bfloat16
+	$(PY) -m benchmarks.model_step --model lvvit_s --batch 8 --dtype bfloat16
+	$(PY) -m benchmarks.input_pipeline
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

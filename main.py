@@ -28,6 +28,9 @@ flags.DEFINE_string('workdir', None, 'Folder for checkpoints and metrics (resume
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: HOST:PORT of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-process: this process, 0..num_processes-1.')
+flags.DEFINE_bool('distributed', False, 'Multi-process: call jax.distributed.initialize() and '
+                  'let JAX find its peers (automatic on SLURM, Open MPI and TPU pods that set '
+                  'TPU_WORKER_HOSTNAMES).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 MODES = ('train', 'eval', 'labelgen')
@@ -52,7 +55,7 @@ def main(argv):
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   from lvvit_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
+                                        FLAGS.process_id, force=FLAGS.distributed)
   from lvvit_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),

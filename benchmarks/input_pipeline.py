@@ -1,29 +1,37 @@
-"""Input-pipeline throughput on the CPU: images/s per core, train (with score maps) and eval.
+"""Input throughput on the CPU (host train path vs the PIL loader), and device augmentation's cost.
 
-    python benchmarks/input_pipeline.py                      # 256 images, prints a table
-    python benchmarks/input_pipeline.py --out benchmarks/results/input_pipeline_cpu.txt
+    python -m benchmarks.input_pipeline                      # prints the table
+    python -m benchmarks.input_pipeline --out benchmarks/results/input_pipeline_cpu.txt
 
-Generates an ImageFolder of JPEGs of ImageNet-like size (500x375 and 375x500, quality 90,
-textured so that they compress like photos, ~90 KB each), writes it as TFRecord shards
-(`sources.write_image_folder_shards`) with synthetic 18x18x5 score maps (`score_maps`), then
-times:
+Images: crops of the two photos `sklearn.datasets.load_sample_images()` ships (640x427), about
+500x375 (a quarter of them turned to 375x500), saved as JPEG quality 90: real photo content,
+ImageNet's typical size. They are written as TFRecord shards
+(`sources.write_image_folder_shards`) with synthetic 18x18x5 score maps (`score_maps`).
 
-- `train`: `pipeline.make_train_iterator`, the full recipe (fused decode + random-resized crop,
-  resize, flip, RandAugment m9-mstd0.5 x2, erasing, normalisation, label affine) joined with
-  the score maps, batched;
-- `train_preprocess alone`: the same augmentation mapped over in-memory bytes, without
-  shards, score maps, shuffling or checks (the cost of the plumbing is the difference);
-- `eval`: `pipeline.make_eval_iterator` (decode, bicubic resize, centre crop, normalise);
-- `pil train`: `benchmarks/pil_augment.py`, the same augmentation with PIL + NumPy as the
-  original PyTorch loader runs it in each worker (file read included), one process.
+Host rows (images per CPU-second of the whole process is the per-core figure; it is less
+sensitive than wall time to other load on the machine):
+- `train host path`: `pipeline.make_train_iterator` with score maps: read and pair the shards,
+  fused decode + random-resized crop, PIL-exact resize to uint8, the crop's `label_affine`,
+  `aug_seed`, shuffled and batched: everything the host does for training; again with
+  `AugmentConfig(antialias=False)` (TensorFlow's plain kernels: faster, aliased when shrinking);
+- `PIL reference`: `benchmarks/pil_augment.py`, the full augmentation (decode, random-resized
+  crop, resize, flip, RandAugment m9-mstd0.5 x2, to float, normalisation, erasing) with PIL +
+  NumPy as the original PyTorch loader runs it in each worker (file read included);
+- `decode only`: the same shards read and decoded whole (tf.io.decode_jpeg), nothing else: the
+  ceiling of any train path that decodes every image;
+- `eval`: `pipeline.make_eval_iterator` (decode, PIL-exact bicubic resize of the centre crop).
+tf.data runs with one thread (a private thread pool of 1, every stage sequential; prefetching
+and the consumer still take a little of another core), then with all cores (AUTOTUNE). The
+first batch (tracing, filling the shuffle buffer) is not timed; each figure is the best of
+`--repeats` runs of `--timed` images.
 
-tf.data runs twice: with one thread for the work (a private thread pool of 1, every stage
-sequential; prefetching and the consumer still take a little of another core) and with all
-cores (AUTOTUNE). Two figures per row: wall-clock images/s, and images per CPU-second of the
-whole process, which is the per-core throughput (and less sensitive to other load on the
-machine than wall time).
-The first batch (tracing the graphs, filling the shuffle buffer) is not timed; each figure is
-the best of `--repeats` runs of `--timed` images.
+Device rows: `lvvit_jax.augment.augment_batch` (flip, RandAugment, normalisation, erasing, the
+affine) jitted at `--device-batch` x 224, against the trainer's real update step
+(`train.make_update_step` + `jit_update_step`: token targets from 18x18x5 maps, MixToken,
+forward, backward, AdamW, EMA) of lvvit_s on float images without augmentation, timed at
+`--step-batch` and scaled linearly to `--device-batch` (the step's cost is linear in the batch on
+a CPU; a batch-128 lvvit_s step would take minutes here). Their ratio is the share of the
+training step the augmentation adds. On an accelerator, run the same on it.
 """
 import argparse
 import dataclasses
@@ -31,50 +39,51 @@ import io
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
-import numpy as np
-from PIL import Image
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import pil_augment  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from PIL import Image
+import tensorflow as tf
 
-from lvvit_jax.data import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lvvit_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lvvit_jax.data import score_maps  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lvvit_jax.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def photo_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-  """Smooth colour fields plus fine texture: compresses like a photo at quality 90."""
-  coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-  base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
-  mid = rng.normal(0, 1, (h // 8, w // 8, 3)).astype(np.float32)
-  mid = np.asarray(Image.fromarray(((mid * 40) + 128).clip(0, 255).astype(np.uint8))
-                   .resize((w, h), Image.BILINEAR), np.float32) - 128
-  fine = rng.normal(0, 14, (h, w, 3))
-  return (base + mid + fine).clip(0, 255).astype(np.uint8)
+from benchmarks import pil_augment
+from lvvit_jax.data import augment
+from lvvit_jax.data import pipeline
+from lvvit_jax.data import score_maps
+from lvvit_jax.data import sources
 
 
-def make_jpegs(root: str, num_images: int, num_classes: int = 8, seed: int = 0) -> float:
-  """Writes num_images JPEGs into root/<class>/; returns their mean size in KB."""
+def photo_crops(num_images: int, seed: int = 0, size=(375, 500), quality: int = 90):
+  """`num_images` JPEG bytes: random crops of sklearn's sample photos (every 4th portrait)."""
+  from sklearn.datasets import load_sample_images  # the photos ship with scikit-learn
+  photos = load_sample_images().images
   rng = np.random.default_rng(seed)
-  sizes = []
+  out = []
   for i in range(num_images):
-    h, w = (375, 500) if i % 4 else (500, 375)
-    d = os.path.join(root, f'class{i % num_classes:02d}')
-    os.makedirs(d, exist_ok=True)
+    photo = photos[i % len(photos)]
+    h, w = min(size[0], photo.shape[0]), min(size[1], photo.shape[1])
+    y = rng.integers(0, photo.shape[0] - h + 1)
+    x = rng.integers(0, photo.shape[1] - w + 1)
+    crop = photo[y:y + h, x:x + w]
+    if rng.random() < 0.5:
+      crop = crop[:, ::-1]
+    if i % 4 == 3:
+      crop = np.rot90(crop)
     buf = io.BytesIO()
-    Image.fromarray(photo_like(rng, h, w)).save(buf, 'JPEG', quality=90)
-    with open(os.path.join(d, f'img{i:05d}.jpg'), 'wb') as f:
-      f.write(buf.getvalue())
-    sizes.append(len(buf.getvalue()))
-  return float(np.mean(sizes)) / 1024
+    Image.fromarray(np.ascontiguousarray(crop)).save(buf, 'JPEG', quality=quality)
+    out.append(buf.getvalue())
+  return out
+
+
+def write_image_folder(root: str, encoded, num_classes: int = 8):
+  for i, data in enumerate(encoded):
+    folder = os.path.join(root, f'class{i % num_classes:02d}')
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f'img{i:05d}.jpg'), 'wb') as f:
+      f.write(data)
 
 
 def write_score_maps(source: sources.ImageSource, out_dir: str, grid=(18, 18), k: int = 5):
@@ -103,27 +112,23 @@ def time_batches(batches, num_images: int, batch: int, repeats: int):
       next(it)
       n += batch
     rate = (n / (time.perf_counter() - wall0), n / (time.process_time() - cpu0))
-    best = max(best, rate)
+    best = max(best, rate, key=lambda r: r[1])
   return best
 
 
-def augment_only(files, cfg: pipeline.PipelineConfig) -> tf.data.Dataset:
-  """`augment.train_preprocess` alone over in-memory bytes: the cost without the plumbing."""
-  encoded = []
-  for path in files:
-    with open(path, 'rb') as f:
-      encoded.append(f.read())
-  aug_cfg = cfg.augment
+def decode_only(source: sources.ImageSource, cfg: pipeline.PipelineConfig) -> tf.data.Dataset:
+  """The shards read, parsed and decoded whole; a corner pixel of each is batched, so that
+  nothing but reading and decoding is timed."""
+  def decode(record):
+    return tf.io.decode_jpeg(source.parse(record, '', 0)['encoded'], channels=3)[0, 0]
 
-  def fn(i, e):
-    return augment.train_preprocess(e, tf.stack([i, i]), aug_cfg)['image']
-  ds = tf.data.Dataset.from_tensor_slices(encoded).repeat().enumerate()
-  par = None if cfg.num_parallel_calls == 1 else cfg.num_parallel_calls
-  ds = ds.map(fn, num_parallel_calls=par).batch(cfg.batch_size)
+  ds = tf.data.TFRecordDataset([s.path for s in source.shards]).repeat()
+  ds = ds.map(decode, num_parallel_calls=None if cfg.num_parallel_calls == 1 else -1)
+  ds = ds.batch(cfg.batch_size).prefetch(cfg.prefetch)
   options = tf.data.Options()
   options.threading.private_threadpool_size = cfg.threadpool_size
   options.threading.max_intra_op_parallelism = 1
-  return ds.prefetch(2).with_options(options)
+  return ds.with_options(options)
 
 
 def time_pil(files, num_images: int, image_size: int, repeats: int):
@@ -139,67 +144,153 @@ def time_pil(files, num_images: int, image_size: int, repeats: int):
       with open(files[n % len(files)], 'rb') as f:
         aug(f.read())
       n += 1
-    best = max(best, (n / (time.perf_counter() - wall0), n / (time.process_time() - cpu0)))
+    rate = (n / (time.perf_counter() - wall0), n / (time.process_time() - cpu0))
+    best = max(best, rate, key=lambda r: r[1])
   return best
-
-
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--num-images', type=int, default=256, help='images generated')
-  p.add_argument('--timed', type=int, default=384, help='images timed per measurement')
-  p.add_argument('--image-size', type=int, default=224)
-  p.add_argument('--batch', type=int, default=32)
-  p.add_argument('--repeats', type=int, default=2, help='timed runs; the best is reported')
-  p.add_argument('--out', default=None, help='also write the table to this file')
-  args = p.parse_args()
-
-  cores = os.cpu_count() or 1
-  tmp = tempfile.mkdtemp(prefix='lvvit_input_bench_')
-  try:
-    root, shards, maps = (os.path.join(tmp, n) for n in ('images/train', 'shards', 'maps'))
-    kb = make_jpegs(root, args.num_images)
-    source = sources.write_image_folder_shards(root, shards, num_shards=8)
-    write_score_maps(source, maps)
-    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs)
-
-    base = pipeline.PipelineConfig(
-        source=shards, score_maps_dir=maps, batch_size=args.batch, image_size=args.image_size,
-        augment=augment.AugmentConfig(image_size=args.image_size), crop_pct=0.9,
-        shuffle_buffer=1024, cycle_length=8)
-    rows = []
-    for threads in (1, cores):
-      cfg = dataclasses.replace(base, threadpool_size=threads,
-                                num_parallel_calls=threads if threads == 1 else -1)
-      wall, cpu = time_batches(pipeline.make_train_iterator(cfg), args.timed, args.batch,
-                               args.repeats)
-      rows.append(('train + score maps (tf.data)', threads, wall, cpu))
-      if threads == 1:
-        wall, cpu = time_batches(augment_only(files, cfg), args.timed, args.batch, args.repeats)
-        rows.append(('  train_preprocess alone (tf.data)', threads, wall, cpu))
-      ev = pipeline.make_eval_iterator(dataclasses.replace(cfg, score_maps_dir=None))
-      wall, cpu = time_batches(_cycle(ev), args.timed, args.batch, args.repeats)
-      rows.append(('eval (tf.data)', threads, wall, cpu))
-    wall, cpu = time_pil(files, args.timed, args.image_size, args.repeats)
-    rows.append(('train, PIL + NumPy (pil_augment)', 1, wall, cpu))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-  lines = [f'device: cpu {platform.processor() or platform.machine()} x{cores} | '
-           f'tensorflow {tf.__version__} | {args.num_images} JPEGs ~500x375 q90, mean '
-           f'{kb:.0f} KB | output {args.image_size}px, batch {args.batch}',
-           f'{"pipeline":36s} {"threads":>7s} {"images/s":>9s} {"images/CPU-s (per core)":>24s}']
-  for name, threads, wall, cpu in rows:
-    lines.append(f'{name:36s} {threads:7d} {wall:9.1f} {cpu:24.1f}')
-  text = '\n'.join(lines)
-  print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
 
 
 def _cycle(eval_iterator):
   while True:
     yield from eval_iterator
+
+
+def host_rows(args, cores: int):
+  """(rows, notes) of the host measurements; rows are (name, threads, images/s, per CPU-s)."""
+  tmp = tempfile.mkdtemp(prefix='lvvit_input_bench_')
+  try:
+    root, shards, maps = (os.path.join(tmp, n) for n in ('images/train', 'shards', 'maps'))
+    encoded = photo_crops(args.num_images)
+    write_image_folder(root, encoded)
+    source = sources.write_image_folder_shards(root, shards, num_shards=8)
+    write_score_maps(source, maps)
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs)
+    base = pipeline.PipelineConfig(
+        source=shards, score_maps_dir=maps, batch_size=args.batch, image_size=args.image_size,
+        crop_pct=0.9, shuffle_buffer=1024, cycle_length=8)
+    timed = lambda batches: time_batches(batches, args.timed, args.batch, args.repeats)  # noqa
+    rows = {}
+    for threads in (1, cores):
+      cfg = dataclasses.replace(base, threadpool_size=threads,
+                                num_parallel_calls=threads if threads == 1 else -1)
+      rows['train', threads] = timed(pipeline.make_train_iterator(cfg))
+      if threads == 1:
+        plain = augment.AugmentConfig(image_size=args.image_size, antialias=False)
+        rows['plain', 1] = timed(pipeline.make_train_iterator(
+            dataclasses.replace(cfg, augment=plain)))
+        rows['pil', 1] = time_pil(files, args.timed, args.image_size, args.repeats)
+        rows['decode', 1] = timed(decode_only(source, cfg))
+      ev = pipeline.make_eval_iterator(dataclasses.replace(cfg, score_maps_dir=None))
+      rows['eval', threads] = timed(_cycle(ev))
+    kb = float(np.mean([len(e) for e in encoded])) / 1024
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return rows, kb
+
+
+def device_rows(args):
+  """(augment_batch seconds at device_batch, update-step seconds at step_batch) on JAX's device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks.model_step import time_fn  # pylint: disable=g-import-not-at-top
+  from configs import lvvit as lvvit_config  # pylint: disable=g-import-not-at-top
+  from lvvit_jax import augment as device_augment  # pylint: disable=g-import-not-at-top
+  from lvvit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from lvvit_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = lvvit_config.get_config(f'variant={args.model[len("lvvit_"):]}')
+  config.img_size = args.image_size
+  rng = np.random.default_rng(0)
+  size, b = args.image_size, args.device_batch
+  mesh = sharding.make_mesh()
+  aug = jax.jit(device_augment.augment_batch, static_argnames=('cfg', 'dtype'))
+  cfg = train.device_augment_config(config)
+  images = rng.integers(0, 256, (b, size, size, 3)).astype(np.uint8)
+  seeds = rng.integers(0, 2**32, (b, 2), dtype=np.uint64).astype(np.uint32)
+  affines = np.tile(np.float32([[1, 0, 0], [0, 1, 0]]), (b, 1, 1))
+  dev_args = [sharding.host_to_global({'x': x}, mesh)['x'] for x in (images, seeds, affines)]
+  t_aug = time_fn(lambda *a: aug(*a, cfg=cfg), dev_args, args.steps, 1)
+
+  model = train.build_model(config)
+  schedule, _ = train.make_schedule(config, 1000)
+  key = jax.random.key(0)
+  params = jax.eval_shape(lambda r: model.init({'params': r}, jnp.zeros((1, size, size, 3))),
+                          key)['params']
+  tx = train.make_optimizer(config, params, schedule)
+  abstract = jax.eval_shape(lambda r: train.init_train_state(model, tx, r), key)
+  shardings = train.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  state = jax.jit(lambda r: train.init_train_state(model, tx, r), out_shardings=shardings)(key)
+  step = train.jit_update_step(train.make_update_step(
+      model, tx, schedule, train.objective_config(config), ema_decay=config.ema_decay),
+      shardings, mesh)
+  sb = args.step_batch
+  batch = sharding.host_to_global({
+      'image': rng.normal(size=(sb, size, size, 3)).astype(np.float32),
+      'label': rng.integers(0, config.num_classes, sb).astype(np.int32),
+      'label_affine': affines[:1].repeat(sb, 0),
+      'topk_logits': rng.normal(0, 3, (sb, 18, 18, 5)).astype(np.float16),
+      'topk_idx': rng.integers(0, config.num_classes, (sb, 18, 18, 5)).astype(np.int32),
+      'map_box': np.tile(np.float32([0, 0, 1, 1]), (sb, 1))}, mesh)
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = step(holder['state'], batch, key)
+    return metrics
+
+  t_step = time_fn(run, (), args.steps, 1)
+  dev = jax.devices()[0]
+  return t_aug, t_step, f'{dev.platform} {dev.device_kind} x{jax.device_count()}', config.model
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--num-images', type=int, default=256, help='images generated')
+  p.add_argument('--timed', type=int, default=768, help='images timed per measurement')
+  p.add_argument('--image-size', type=int, default=224)
+  p.add_argument('--batch', type=int, default=32, help='host batch')
+  p.add_argument('--repeats', type=int, default=3, help='timed runs; the best is reported')
+  p.add_argument('--model', default='lvvit_s', help='the model whose train step is the yardstick')
+  p.add_argument('--device-batch', type=int, default=128, help='batch of the device rows')
+  p.add_argument('--step-batch', type=int, default=8,
+                 help='batch the update step is timed at (scaled to --device-batch)')
+  p.add_argument('--steps', type=int, default=3, help='timed device runs (median)')
+  p.add_argument('--out', default=None, help='also write the table to this file')
+  args = p.parse_args()
+
+  cores = os.cpu_count() or 1
+  rows, kb = host_rows(args, cores)
+  t_aug, t_step, device, model = device_rows(args)
+
+  ratio = lambda a, b: rows[a][1] / rows[b][1]  # noqa: E731  per CPU-second
+  lines = [
+      f'host: cpu {platform.processor() or platform.machine()} x{cores} | tensorflow '
+      f'{tf.__version__} | {args.num_images} JPEGs: crops of sklearn sample photos, ~500x375 '
+      f'q90, mean {kb:.0f} KB | output {args.image_size}px, batch {args.batch}',
+      f'{"host (tf.data unless PIL)":44s} {"threads":>7s} {"images/s":>9s} '
+      f'{"images/CPU-s (per core)":>24s}']
+  names = {'train': 'train host path + score maps', 'pil': 'train, PIL reference (full aug.)',
+           'plain': '  the same, antialias=False (aliases)',
+           'decode': 'decode only, same files (ceiling)', 'eval': 'eval (resize, centre crop)'}
+  order = ('train', 'plain', 'pil', 'decode', 'eval')
+  for (name, threads), (wall, cpu) in sorted(rows.items(),
+                                             key=lambda r: (r[0][1], order.index(r[0][0]))):
+    lines.append(f'{names[name]:44s} {threads:7d} {wall:9.1f} {cpu:24.1f}')
+  lines += [
+      f'train host path / PIL reference, per CPU-second, one thread: '
+      f'{ratio(("train", 1), ("pil", 1)):.2f}x (target >= 2x)',
+      f'train host path / decode only, per CPU-second, one thread: '
+      f'{ratio(("train", 1), ("decode", 1)):.2f}',
+      f'device: {device} | {model} @{args.image_size}',
+      f'augment_batch (flip, RandAugment, normalise, erase), batch {args.device_batch}: '
+      f'{t_aug * 1e3:.0f} ms',
+      f'{model} update step, batch {args.step_batch}: {t_step * 1e3:.0f} ms; scaled linearly '
+      f'to batch {args.device_batch}: {t_step * args.device_batch / args.step_batch * 1e3:.0f} ms',
+      f'device augmentation = {100 * t_aug / (t_step * args.device_batch / args.step_batch):.2f}% '
+      f'of the {model} training step at batch {args.device_batch} (target <= 3%)']
+  text = '\n'.join(lines)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
 
 
 if __name__ == '__main__':

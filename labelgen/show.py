@@ -4,9 +4,10 @@ r"""`python -m labelgen show`: one example's image with the token labels trainin
         --out labels.png [--augment --seed 3] [--image-size 224 --grid 14]
 
 Example N (in the image source's shard order) is read with its score map and turned into a
-batch of one the way the train pipeline does it: `augment.train_preprocess` for the image and
-`label_affine`, `score_maps.parse_example` for the map, then `token_targets` (the function the
-train step calls) on that batch. The picture is the network's input, unnormalised and upscaled,
+batch of one the way training does it: `augment.train_preprocess` on the host for the crop, its
+`label_affine` and `aug_seed`, `lvvit_jax.augment.augment_batch` for the rest (as the train step
+does on the accelerator), `score_maps.parse_example` for the map, then `token_targets` (the
+function the train step calls) on that batch. The picture is the network's input, unnormalised and upscaled,
 with the token grid; each cell shows the top-1 class of its target (the class name when the
 source has names) and its probability, and is tinted by class with the opacity of that
 probability. The header names the example, its label and the cls token's target.
@@ -34,6 +35,7 @@ from PIL import ImageFont
 import tensorflow as tf
 
 from labelgen import import_maps
+from lvvit_jax import augment as device_augment
 from lvvit_jax.data import augment
 from lvvit_jax.data import score_maps
 from lvvit_jax.data import sources
@@ -133,31 +135,48 @@ def read_example(source: str, shards: str, index: int, *, split: str = 'train',
                  class_names=class_names(source, src, data_dir))
 
 
-def view_config(example: Example, image_size: int, augmented: bool) -> augment.AugmentConfig:
+@dataclasses.dataclass(frozen=True)
+class View:
+  """How the example is shown: the host's crop and resize, then the device's augmentation."""
+  host: augment.AugmentConfig
+  device: device_augment.DeviceAugmentConfig
+
+
+def view_config(example: Example, image_size: int, augmented: bool) -> View:
   """The training recipe (`augmented`), or an identity crop of the whole image resized."""
   if augmented:
-    return augment.AugmentConfig(image_size=image_size)
+    return View(augment.AugmentConfig(image_size=image_size),
+                device_augment.DeviceAugmentConfig())
   hw = import_maps.image_hw(example.encoded)
   if hw is None:
     raise ValueError(f'{_FILE}: the image of {example.key!r} cannot be read; training skips '
                      'it as corrupt.')
   ratio = hw[1] / hw[0]  # scale 1 at the image's own aspect: the crop is the whole image
-  return augment.AugmentConfig(image_size=image_size, scale=(1.0, 1.0), ratio=(ratio, ratio),
-                               hflip=0.0, interpolations=('bicubic',), randaug_num_ops=0,
-                               erase_prob=0.0)
+  host = augment.AugmentConfig(image_size=image_size, scale=(1.0, 1.0), ratio=(ratio, ratio),
+                               interpolations=('bicubic',))
+  return View(host, device_augment.DeviceAugmentConfig(hflip=0.0, randaug_num_ops=0,
+                                                       erase_prob=0.0))
 
 
-def make_batch(example: Example, cfg: augment.AugmentConfig, seed: int = 0
-               ) -> Dict[str, np.ndarray]:
-  """A train batch of one example, with the train pipeline's keys, through its functions."""
-  preprocess = tf.function(lambda encoded, s: augment.train_preprocess(encoded, s, cfg))
+def make_batch(example: Example, view: View, seed: int = 0) -> Dict[str, np.ndarray]:
+  """A train batch of one example, with the train step's keys, through its functions.
+
+  The host half (`augment.train_preprocess`, seed (seed, index)) and the device half
+  (`augment_batch` from the example's `aug_seed`): the image is the normalised network input
+  and `label_affine` the whole map from it to the source image.
+  """
+  preprocess = tf.function(lambda encoded, s: augment.train_preprocess(encoded, s, view.host))
   out = preprocess(tf.constant(example.encoded), tf.constant([seed, example.index], tf.int64))
+  image, affine = device_augment.augment_batch(
+      out['image'].numpy()[None], out['aug_seed'].numpy()[None],
+      out['label_affine'].numpy()[None], view.device)
   m = example.manifest
   sm = score_maps.parse_example(tf.constant(example.map_record), m.grid, m.k)
-  batch = {'image': out['image'], 'label': tf.cast(example.label, tf.int32),
-           'label_affine': out['label_affine'], 'topk_logits': sm['topk_logits'],
+  batch = {'label': tf.cast(example.label, tf.int32), 'topk_logits': sm['topk_logits'],
            'topk_idx': sm['topk_idx'], 'map_box': sm['map_box'], 'has_map': sm['has_map']}
-  return {k: np.asarray(v)[None] for k, v in batch.items()}
+  batch = {k: np.asarray(v)[None] for k, v in batch.items()}
+  batch.update(image=np.asarray(image), label_affine=np.asarray(affine))
+  return batch
 
 
 def token_labels(batch: Dict[str, np.ndarray], *, grid: Tuple[int, int],
@@ -196,8 +215,9 @@ def picture_side(image_size: int, min_side: int = MIN_SIDE) -> int:
 
 
 def render(image: np.ndarray, labels: TokenLabels, *, names: Optional[Sequence[str]],
-           title: str, mean: Sequence[float] = augment.IMAGENET_MEAN,
-           std: Sequence[float] = augment.IMAGENET_STD, min_side: int = MIN_SIDE) -> Image.Image:
+           title: str, mean: Sequence[float] = device_augment.IMAGENET_MEAN,
+           std: Sequence[float] = device_augment.IMAGENET_STD,
+           min_side: int = MIN_SIDE) -> Image.Image:
   """Draws a normalised (S, S, 3) input image with its token labels; returns the RGB picture."""
   rgb = (np.asarray(image, np.float32) * np.asarray(std) + np.asarray(mean)) * 255.0
   rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
@@ -240,14 +260,14 @@ def show(source: str, shards: str, index: int, out: str, *, split: str = 'train'
   """Draws example `index` with its token labels into the PNG `out`; returns the picture."""
   grid = grid or (image_size // 16, image_size // 16)
   example = read_example(source, shards, index, split=split, data_dir=data_dir)
-  cfg = view_config(example, image_size, augmented)
-  batch = make_batch(example, cfg, seed)
+  view = view_config(example, image_size, augmented)
+  batch = make_batch(example, view, seed)
   labels = token_labels(batch, grid=grid, num_classes=example.manifest.num_classes)
-  view = f'augment seed {seed}' if augmented else 'whole image'
+  what = f'augment seed {seed}' if augmented else 'whole image'
   title = (f'#{index} {example.key}  label {_name(example.label, example.class_names)}  '
-           f'({view}, {image_size}px, grid {grid[0]}x{grid[1]})')
+           f'({what}, {image_size}px, grid {grid[0]}x{grid[1]})')
   picture = render(batch['image'][0], labels, names=example.class_names, title=title,
-                   mean=cfg.mean, std=cfg.std, min_side=min_side)
+                   mean=view.device.mean, std=view.device.std, min_side=min_side)
   if os.path.dirname(out):
     os.makedirs(os.path.dirname(out), exist_ok=True)
   picture.save(out, format='PNG')

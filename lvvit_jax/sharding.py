@@ -154,15 +154,32 @@ def per_device_bytes(tree: Any) -> int:
   return total
 
 
+def detected_cluster() -> Optional[str]:
+  """The multi-process launcher this process runs under, from its environment, or None."""
+  def more_than_one(variable: str) -> bool:
+    try:
+      return int(os.environ.get(variable, '1') or 1) > 1
+    except ValueError:
+      return False
+  if more_than_one('SLURM_NTASKS'):
+    return 'SLURM'
+  if more_than_one('OMPI_COMM_WORLD_SIZE'):
+    return 'Open MPI'
+  if len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1:
+    return 'TPU pod slice'
+  return None
+
+
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None) -> bool:
+                                 process_id: Optional[int] = None,
+                                 force: bool = False) -> bool:
   """Calls `jax.distributed.initialize` when this is a multi-process run; True if it did.
 
-  A run is multi-process when the three flags are given (by hand), on a SLURM allocation of
-  more than one task (SLURM_NTASKS > 1), or on a TPU pod slice (TPU_WORKER_HOSTNAMES lists
-  several hosts); JAX then discovers the rest from the environment. Must run before anything
-  touches the devices.
+  A run is multi-process when the three arguments are given (by hand), when `force` is set
+  (main.py's --distributed: JAX then finds its peers itself, e.g. on a TPU pod slice), or when
+  the environment shows a launcher of several processes (SLURM, Open MPI, TPU_WORKER_HOSTNAMES);
+  JAX discovers the rest from the environment. Must run before anything touches the devices.
   """
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit):
@@ -171,11 +188,9 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                        'together; give all three (or none, on SLURM or a TPU pod).')
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
-  slurm = int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1
-  tpu_pod = len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
-  if slurm or tpu_pod:
-    logging.info('Multi-process environment detected (%s); initialising jax.distributed.',
-                 'SLURM' if slurm else 'TPU pod')
+  cluster = detected_cluster()
+  if cluster or force:
+    logging.info('Multi-process run (%s); initialising jax.distributed.', cluster or 'forced')
     jax.distributed.initialize()
     return True
   return False

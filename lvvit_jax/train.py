@@ -107,11 +107,9 @@ def pipeline_config(config: ml_collections.ConfigDict, workdir: str, *, source: 
   """The `PipelineConfig` of one data stream (train) or of this process (eval)."""
   from lvvit_jax.data import augment  # pylint: disable=g-import-not-at-top  (TensorFlow)
   from lvvit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  a = config.aug
-  aug = augment.AugmentConfig(
-      image_size=config.img_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-      randaug_num_ops=a.randaug_num_ops, randaug_magnitude=a.randaug_magnitude,
-      randaug_mstd=a.randaug_mstd, randaug_prob=a.randaug_prob, erase_prob=a.erase_prob)
+  # The host's part of config.aug (crop and resize); the rest: `device_augment_config`.
+  aug = augment.AugmentConfig(image_size=config.img_size, scale=tuple(config.aug.scale),
+                              ratio=tuple(config.aug.ratio))
   d = config.data
   return pipeline.PipelineConfig(
       source=source, split=split, data_dir=data_dir(config, workdir, source),
@@ -121,6 +119,18 @@ def pipeline_config(config: ml_collections.ConfigDict, workdir: str, *, source: 
       num_parallel_calls=d.num_parallel_calls, threadpool_size=d.threadpool_size,
       prefetch=d.prefetch, process_index=stream, process_count=num_streams_,
       on_corrupt=d.on_corrupt, label_feature=label_feature)
+
+
+def device_augment_config(config: ml_collections.ConfigDict):
+  """The accelerator's part of config.aug (flip, RandAugment, erasing, normalisation).
+
+  The train step applies it to the pipeline's uint8 crops (`lvvit_jax.augment.augment_batch`).
+  """
+  from lvvit_jax import augment  # pylint: disable=g-import-not-at-top
+  a = config.aug
+  return augment.DeviceAugmentConfig(
+      hflip=a.hflip, randaug_num_ops=a.randaug_num_ops, randaug_magnitude=a.randaug_magnitude,
+      randaug_mstd=a.randaug_mstd, randaug_prob=a.randaug_prob, erase_prob=a.erase_prob)
 
 
 def prepare_builtin_data(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -283,16 +293,30 @@ def _micro_batches(x: jax.Array, k: int) -> jax.Array:
 
 def make_update_step(model, tx: optax.GradientTransformation, schedule,
                      cfg: objective.ObjectiveConfig, *, ema_decay: float = 0.99992,
-                     grad_accum_steps: int = 1):
+                     grad_accum_steps: int = 1, augment=None):
   """The pure update step `(state, batch, rng) -> (state, metrics)`.
 
+  A batch from the input pipeline (uint8 `image` with `aug_seed`) is first augmented here, per
+  micro-batch, by `lvvit_jax.augment.augment_batch` with `augment` (a DeviceAugmentConfig; None:
+  the recipe's defaults): flip, RandAugment, normalisation, erasing, composed into
+  `label_affine`. A batch without `aug_seed` is used as it is (normalised float images).
   Forward in the model's compute dtype, loss in float32 (`objective.training_loss`), gradients
   accumulated over `grad_accum_steps` micro-batches (a scan; one optimizer update per step),
   AdamW with the schedule, EMA of params and batch statistics. `rng` is the run's key; the
   step folds in its own number, and random bits depend only on an example's row in the global
-  batch, so the result does not depend on how the batch is split across devices.
+  batch (the augmentation's only on the example's `aug_seed`), so the result does not depend
+  on how the batch is split across devices.
   """
+  from lvvit_jax import augment as augment_lib  # pylint: disable=g-import-not-at-top
+  augment = augment or augment_lib.DeviceAugmentConfig()
+
   def loss_fn(params, batch_stats, batch, rng):
+    if 'aug_seed' in batch:
+      batch = dict(batch)
+      image, affine = augment_lib.augment_batch(
+          batch.pop('image'), batch.pop('aug_seed'), batch['label_affine'], augment,
+          getattr(model, 'dtype', jnp.float32))
+      batch.update(image=image, label_affine=affine)
     return objective.training_loss(model, params, batch_stats, batch, rng, cfg)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -465,8 +489,18 @@ def make_eval_splits(config: ml_collections.ConfigDict, workdir: str, model) -> 
 
 
 def make_predict(model, var_shardings: Mapping[str, Any], mesh: jax.sharding.Mesh):
-  """The jitted eval step over variables `{'params', 'batch_stats'}` placed as given."""
-  eval_step = evaluate_lib.make_eval_step(lambda v, x: model.apply(v, x))
+  """The jitted eval step over variables `{'params', 'batch_stats'}` placed as given.
+
+  uint8 images (the eval pipeline's) are normalised on the device with the ImageNet mean/std.
+  """
+  from lvvit_jax import augment  # pylint: disable=g-import-not-at-top
+
+  def predict(variables, images):
+    if images.dtype == jnp.uint8:
+      images = augment.normalize(images, dtype=getattr(model, 'dtype', jnp.float32))
+    return model.apply(variables, images)
+
+  eval_step = evaluate_lib.make_eval_step(predict)
   repl = sharding.replicated(mesh)
   return jax.jit(eval_step, in_shardings=(var_shardings, sharding.batch_sharding(mesh), repl),
                  out_shardings=repl)
@@ -567,7 +601,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   update = jit_update_step(
       make_update_step(model, tx, schedule, objective_config(config),
-                       ema_decay=config.ema_decay, grad_accum_steps=config.grad_accum_steps),
+                       ema_decay=config.ema_decay, grad_accum_steps=config.grad_accum_steps,
+                       augment=device_augment_config(config)),
       shardings, mesh)
   eval_step = make_predict(
       model, {'params': shardings.params, 'batch_stats': shardings.batch_stats}, mesh)

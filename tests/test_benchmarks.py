@@ -46,3 +46,20 @@ def test_labelgen_benchmark_prints_images_per_second_and_bytes_per_image():
   per_image = re.search(r'^score maps 2x2 x top-5 +([0-9]+) bytes per image$', out, re.M)
   assert per_image and 80 < int(per_image[1]) < 1000, out
   assert re.search(r'^device: cpu ', out, re.M), out
+
+
+@pytest.mark.slow
+def test_input_pipeline_benchmark_prints_the_ratios_and_the_device_share():
+  out = _run('-m', 'benchmarks.input_pipeline', '--num-images', '16', '--timed', '16',
+             '--batch', '8', '--repeats', '1', '--image-size', '64', '--model', 'lvvit_t',
+             '--device-batch', '8', '--step-batch', '4', '--steps', '1')
+  rows = re.findall(r'^(train host path \+ score maps|train, PIL reference \(full aug\.\)|'
+                    r'decode only, same files \(ceiling\)|eval \(resize, centre crop\)) +'
+                    r'([0-9]+) +([0-9.]+) +([0-9.]+)$', out, re.M)
+  assert {(r[0].split(' ')[0], r[1]) for r in rows} >= {('train', '1'), ('decode', '1'),
+                                                          ('eval', '1')}, out
+  assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), out
+  assert re.search(r'^train host path / PIL reference, per CPU-second, one thread: [0-9.]+x',
+                   out, re.M), out
+  assert re.search(r'^device augmentation = [0-9.]+% of the lvvit_t training step at batch 8',
+                   out, re.M), out

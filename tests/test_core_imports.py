@@ -8,7 +8,7 @@ import sys
 
 CORE = ['lvvit_jax', 'lvvit_jax.models', 'lvvit_jax.models.lvvit', 'lvvit_jax.models.convert',
         'lvvit_jax.token_labeling', 'lvvit_jax.optim', 'lvvit_jax.checkpoints',
-        'lvvit_jax.convert']
+        'lvvit_jax.convert', 'lvvit_jax.augment']
 
 
 def test_core_imports_with_tensorflow_and_torch_blocked():

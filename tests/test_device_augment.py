@@ -6,9 +6,7 @@ position-encoding cell pattern for `label_affine` (as tests/test_label_geometry.
 ramps for the warp's sub-pixel sampling.
 """
 import functools
-import importlib.util
 import math
-import pathlib
 import subprocess
 import sys
 
@@ -21,6 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from benchmarks import pil_augment
 from lvvit_jax import augment
 from lvvit_jax import token_labeling
 from lvvit_jax.augment import geometry
@@ -32,16 +31,6 @@ STD = np.array(augment.IMAGENET_STD, np.float32)
 FILL = np.array(augment.FILL, np.float32)
 COLOUR_OPS = [n for n in augment.RAND_INCREASING_OPS if n not in augment.GEOMETRIC_OPS]
 
-
-def _load_pil_augment():
-  path = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks' / 'pil_augment.py'
-  spec = importlib.util.spec_from_file_location('pil_augment', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-pil_augment = _load_pil_augment()
 
 _augment_batch = jax.jit(augment.augment_batch, static_argnames=('cfg', 'dtype'))
 _apply_op = jax.jit(ops.apply_op, static_argnames=('name',))

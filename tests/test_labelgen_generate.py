@@ -149,7 +149,7 @@ def test_digits_maps_pair_with_the_image_shards_and_feed_the_pipeline(digits_dat
   cfg = pipeline.PipelineConfig(
       source='digits', split='validation', data_dir=digits_data['data_dir'],
       score_maps_dir=out, batch_size=8, image_size=SIZE,
-      augment=augment.AugmentConfig(image_size=SIZE, randaug_num_ops=0), shuffle_buffer=1,
+      augment=augment.AugmentConfig(image_size=SIZE), shuffle_buffer=1,
       cycle_length=2, num_parallel_calls=1, include_keys=True, num_epochs=1,
       verify_checksums=True)
   by_key = {r['key']: r for r in records}

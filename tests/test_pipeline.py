@@ -1,4 +1,5 @@
-"""The tf.data pipeline (lvvit_jax/data/pipeline.py, sources.py) on data the tests make.
+"""The tf.data pipeline (lvvit_jax/data/pipeline.py, pairs.py, corrupt.py, sources.py) on data
+the tests make, and the device augmentation of its batches.
 
 Sources: a generated ImageFolder tree of real JPEG and PNG files written as shards, and a TFDS
 dataset whose examples come from `tfds.testing.mock_data`, stored in TFDS's on-disk format (the
@@ -11,11 +12,16 @@ import os
 import shutil
 import zlib
 
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
+from lvvit_jax import augment as device_augment
 from lvvit_jax.data import augment
 from lvvit_jax.data import pipeline
 from lvvit_jax.data import score_maps
@@ -80,8 +86,7 @@ def folder(tmp_path_factory):
   return {'root': root, 'shards': shards, 'maps': maps, 'source': source, 'base': base}
 
 
-# RandAugment off except where it is the point: its graph takes seconds to trace per pipeline.
-FAST_AUGMENT = augment.AugmentConfig(image_size=SIZE, randaug_num_ops=0)
+FAST_AUGMENT = augment.AugmentConfig(image_size=SIZE)
 
 
 def _cfg(folder, **kw):
@@ -122,13 +127,18 @@ def test_image_folder_shards(folder):
 
 
 def test_train_batches(folder):
-  it = pipeline.make_train_iterator(_cfg(folder, augment=augment.AugmentConfig(image_size=SIZE)))
+  it = pipeline.make_train_iterator(_cfg(folder))
   for batch in _take(it, 3):
-    assert set(batch) == {'image', 'label', 'label_affine', 'topk_logits', 'topk_idx',
-                          'map_box', 'has_map', 'key'}
-    assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
-    assert np.isfinite(batch['image']).all() and np.abs(batch['image']).max() < 10
+    assert set(batch) == {'image', 'label', 'label_affine', 'aug_seed', 'topk_logits',
+                          'topk_idx', 'map_box', 'has_map', 'key'}
+    assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.uint8
+    assert batch['image'].std() > 10   # real pixels, not the placeholder
     assert batch['label'].dtype == np.int32 and batch['label_affine'].shape == (4, 2, 3)
+    assert batch['aug_seed'].shape == (4, 2) and batch['aug_seed'].dtype == np.uint32
+    a = batch['label_affine']   # the crops' maps: axis aligned, inside the image
+    assert np.all(a[:, 0, 1] == 0) and np.all(a[:, 1, 0] == 0)
+    assert np.all(a[:, 0, 0] > 0) and np.all(a[:, 1, 1] > 0) and np.all(a[:, :, 2] >= 0)
+    assert np.all(a[:, :, 0:2].sum(-1) + a[:, :, 2] <= 1 + 1e-6)
     assert batch['topk_logits'].shape == (4,) + GRID + (K,)
     assert batch['topk_logits'].dtype == np.float16 and batch['topk_idx'].dtype == np.int32
     for i, key in enumerate(batch['key']):
@@ -138,9 +148,8 @@ def test_train_batches(folder):
       np.testing.assert_array_equal(batch['topk_logits'][i], logits)
       np.testing.assert_array_equal(batch['topk_idx'][i], idx)
       np.testing.assert_array_equal(batch['map_box'][i], box)
-  bf16 = next(pipeline.make_train_iterator(_cfg(folder, image_dtype='bfloat16',
-                                                 score_maps_dir=None)))
-  assert bf16['image'].dtype.name == 'bfloat16'
+  plain = next(pipeline.make_train_iterator(_cfg(folder, score_maps_dir=None)))
+  assert set(plain) == {'image', 'label', 'label_affine', 'aug_seed', 'key'}
 
 
 def test_deterministic_and_resumable(folder):
@@ -149,6 +158,8 @@ def test_deterministic_and_resumable(folder):
   keys = [k for b in full for k in b['key']]
   assert sorted(keys[:24]) == sorted(set(keys[:24]))   # epoch 0: every example once
   assert keys[24:] != keys[:12]                         # epoch 1 is reshuffled
+  seeds = np.concatenate([b['aug_seed'] for b in full])
+  assert len({s.tobytes() for s in seeds}) == len(seeds)   # per example and per epoch
 
   it = pipeline.make_train_iterator(cfg)
   _assert_batches_equal(_take(it, 3), full[:3])        # same seed, same batches
@@ -163,15 +174,44 @@ def test_deterministic_and_resumable(folder):
 
   other = next(pipeline.make_train_iterator(dataclasses.replace(cfg, seed=4)))
   assert not np.array_equal(other['image'], full[0]['image'])
+  assert not np.array_equal(other['aug_seed'], full[0]['aug_seed'])
   with pytest.raises(ValueError, match='seed=3 but PipelineConfig.seed=4'):
     pipeline.make_train_iterator(dataclasses.replace(cfg, seed=4), s3)
+
+
+def test_an_example_gets_the_same_device_augmentation_whatever_the_devices(folder):
+  # The host's batches do not depend on the batch size: the same examples, crops and seeds.
+  cfg = _cfg(folder, batch_size=8)
+  whole = next(pipeline.make_train_iterator(cfg))
+  halves = _take(pipeline.make_train_iterator(dataclasses.replace(cfg, batch_size=4)), 2)
+  for k in whole:
+    np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]), err_msg=k)
+  # On the device the augmentation of an example depends only on it (image, crop map, seed):
+  # one device, the batch split over 4 devices, or the example alone give the same result.
+  augment_fn = jax.jit(device_augment.augment_batch, static_argnames=('cfg', 'dtype'))
+  args = [whole[k] for k in ('image', 'aug_seed', 'label_affine')]
+  one = jax.device_put(args, jax.devices()[0])
+  ref = [np.asarray(x) for x in augment_fn(*one)]
+  mesh = Mesh(np.array(jax.devices()[:4]), ('data',))
+  sharded = jax.device_put(args, NamedSharding(mesh, P('data')))
+  four = augment_fn(*sharded)
+  assert len(four[0].sharding.device_set) == 4
+  for r, x in zip(ref, four):
+    np.testing.assert_array_equal(r, np.asarray(x))
+  for i in (0, 5):
+    alone = augment_fn(*[a[i:i + 1] for a in args])
+    for r, x in zip(ref, alone):
+      np.testing.assert_array_equal(r[i:i + 1], np.asarray(x))
+  # And the augmentation really differs between examples (flip, RandAugment, erasing).
+  assert not np.allclose(ref[1], whole['label_affine'])
 
 
 def _failing_preprocess(encoded, seed, cfg):
   """A train_preprocess whose decode fails on every image."""
   del seed, cfg
   tf.debugging.assert_equal(tf.strings.length(encoded), -1)
-  return {'image': tf.zeros([SIZE, SIZE, 3]), 'label_affine': tf.zeros([2, 3])}
+  return {'image': tf.zeros([SIZE, SIZE, 3], tf.uint8), 'label_affine': tf.zeros([2, 3]),
+          'aug_seed': tf.zeros([2], tf.uint32)}
 
 
 def test_resume_skips_records_before_decoding(folder, monkeypatch):
@@ -209,7 +249,8 @@ def test_eval_pads_and_counts_every_example_once(folder):
     lengths.append((len(batches), ev.num_batches, ev.num_examples))
     for b in batches:
       assert set(b) == {'image', 'label', 'mask', 'key'}
-      assert b['image'].shape == (5, SIZE, SIZE, 3) and b['mask'].dtype == bool
+      assert b['image'].shape == (5, SIZE, SIZE, 3) and b['image'].dtype == np.uint8
+      assert b['mask'].dtype == bool
       for key, label, m in zip(b['key'], b['label'], b['mask']):
         if m:
           seen.append(key.decode())
@@ -269,7 +310,7 @@ def test_tfds_source_with_mock_data(tmp_path):
   assert len(batches) == 5
   labels = {e['file_name']: e['label'] for e in examples}
   for b in batches:
-    assert b['image'].shape == (2, SIZE, SIZE, 3) and np.isfinite(b['image']).all()
+    assert b['image'].shape == (2, SIZE, SIZE, 3) and b['image'].dtype == np.uint8
     for i, key in enumerate(b['key']):
       assert b['label'][i] == labels[key]
       np.testing.assert_array_equal(b['topk_logits'][i], _expected_map(key)[0])

@@ -18,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)  # timm `img_mean`: round(255 * ImageNet mean).
 MAX_LEVEL = 10.0  # timm's magnitude scale is 0..10.
 
-# timm `_RAND_INCREASING_TRANSFORMS`; the same names as lvvit_jax/data/randaugment.py.
+# timm `_RAND_INCREASING_TRANSFORMS`; the same names as benchmarks/pil_augment.py.
 RAND_INCREASING_OPS = (
     'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
     'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',

@@ -3,7 +3,7 @@
 Images are float32 (H, W, C) holding the integers 0..255 that a PIL uint8 image would hold.
 Every op returns `(image, affine)`: `affine` is a float32 (3, 3) matrix taking (y, x, 1),
 normalised over the op's OUTPUT image, to (y, x, 1) normalised over its INPUT image. Chains
-compose by right multiplication, as in `lvvit_jax/data/randaugment.py`.
+compose by right multiplication, as `lvvit_jax.data.augment.crop_affine` starts them.
 
 Normalised coordinates (shared with `lvvit_jax.token_labeling`): continuous, 0 is the top/left
 edge of the first pixel and 1 the bottom/right edge of the last; pixel j of n is centred at

@@ -4,7 +4,7 @@ An op takes an image (float32 (H, W, 3) holding integers 0..255), a level on tim
 and `negate` (the negative side of signed ops); both may be traced, so ops vmap over a batch.
 It returns `(image, affine)`: the normalised output->input (3, 3) map of `geometry.py` (the
 identity for colour ops). The mapping is timm's for `_RAND_INCREASING_TRANSFORMS`, as in
-`lvvit_jax/data/randaugment.py`:
+`benchmarks/pil_augment.py`:
 
   Rotate                  +-30 degrees * level / 10
   ShearX, ShearY          +-0.3 * level / 10

@@ -1,0 +1,176 @@
+"""Throughput and MFU of the trainer's full update step, next to PyTorch doing the same step.
+
+    python -m benchmarks.train_step --model lvvit_s --batch 8            # CPU here
+    python -m benchmarks.train_step --model lvvit_s --batch 256 --dtype bfloat16 --no-torch
+
+The JAX rows time `lvvit_jax.train`'s jitted update step (the one the trainer runs: device
+augmentation of uint8 images, targets, MixToken, forward in the compute dtype, loss in float32,
+backward, AdamW with the schedule, EMA) on synthetic data already on the devices:
+- `plain labels`: no score maps (the smoothed label for the cls and every token);
+- `token labels`: 18x18x5 score maps pooled through each example's `label_affine`;
+- `token labels, no augmentation`: float images, the same work as the PyTorch row.
+MFU = FLOPs of the compiled step (XLA's cost analysis) / step time / the device's peak: the
+datasheet dense peak of known accelerators (--peak-tflops overrides), on CPU the measured rate
+of a large matmul in the same dtype. The PyTorch row is the independent LV-ViT of
+tests/torch_lvvit.py doing forward (MixToken box), the token-labeling loss, backward and
+torch.optim.AdamW on the same CPU; the ratio is JAX images/s over PyTorch's.
+"""
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.model_step import compiled_flops
+from benchmarks.model_step import time_fn
+from configs import lvvit as lvvit_config
+from lvvit_jax import sharding
+from lvvit_jax import train
+
+# Dense bf16 peaks (TFLOP/s) from the vendors' datasheets, by device_kind prefix.
+PEAK_TFLOPS = {'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA A100': 312.0,
+               'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5p': 459.0, 'TPU v6': 918.0}
+
+
+def measured_matmul_tflops(dtype, n: int = 2048, steps: int = 5) -> float:
+  """Achieved TFLOP/s of an n x n matmul: the CPU's practical peak."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  t = time_fn(f, (a,), steps, 2)
+  return 2 * n ** 3 / t / 1e12
+
+
+def peak_tflops(dtype, override):
+  if override:
+    return override, 'given'
+  kind = jax.devices()[0].device_kind
+  for prefix, peak in PEAK_TFLOPS.items():
+    if kind.startswith(prefix):
+      return peak, 'datasheet'
+  return measured_matmul_tflops(dtype), 'measured matmul'
+
+
+def synthetic_batch(b, size, num_classes, *, maps: bool, augment: bool, seed=0):
+  rng = np.random.default_rng(seed)
+  batch = {'label': rng.integers(0, num_classes, b).astype(np.int32),
+           'label_affine': np.tile(np.float32([[1, 0, 0], [0, 1, 0]]), (b, 1, 1))}
+  if augment:
+    batch['image'] = rng.integers(0, 256, (b, size, size, 3)).astype(np.uint8)
+    batch['aug_seed'] = rng.integers(0, 2**31, (b, 2)).astype(np.uint32)
+  else:
+    batch['image'] = rng.normal(size=(b, size, size, 3)).astype(np.float32)
+  if maps:
+    batch['topk_logits'] = rng.normal(0, 3, (b, 18, 18, 5)).astype(np.float16)
+    batch['topk_idx'] = rng.integers(0, num_classes, (b, 18, 18, 5)).astype(np.int32)
+    batch['map_box'] = np.tile(np.float32([0, 0, 1, 1]), (b, 1))
+  return batch
+
+
+def jax_rows(config, batch_size, steps, warmup):
+  model = train.build_model(config)
+  mesh = sharding.make_mesh()
+  schedule, _ = train.make_schedule(config, 1000)
+  rng = jax.random.key(0)
+  size = config.img_size
+  params = jax.eval_shape(lambda r: model.init({'params': r}, jnp.zeros((1, size, size, 3))),
+                          rng)['params']
+  tx = train.make_optimizer(config, params, schedule)
+  abstract = jax.eval_shape(lambda r: train.init_train_state(model, tx, r), rng)
+  shardings = train.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  init = jax.jit(lambda r: train.init_train_state(model, tx, r), out_shardings=shardings)
+  step = train.jit_update_step(train.make_update_step(
+      model, tx, schedule, train.objective_config(config), ema_decay=config.ema_decay,
+      augment=train.device_augment_config(config)), shardings, mesh)
+  rows = []
+  for name, maps, augment in (('plain labels', False, True), ('token labels', True, True),
+                              ('token labels, no augmentation', True, False)):
+    batch = sharding.host_to_global(
+        synthetic_batch(batch_size, size, config.num_classes, maps=maps, augment=augment), mesh)
+    state = init(rng)
+    compiled = step.lower(state, batch, rng).compile()
+    flops = compiled_flops(compiled)
+    holder = {'state': state}
+
+    def run(batch=batch):
+      holder['state'], metrics = compiled(holder['state'], batch, rng)
+      return metrics
+
+    t = time_fn(run, (), steps, warmup)
+    rows.append((name, batch_size / t, flops, t))
+  return rows
+
+
+def torch_row(config, batch_size, steps, warmup):
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests.torch_lvvit import TorchLVViT  # pylint: disable=g-import-not-at-top
+  name = config.model
+  model = TorchLVViT.from_variant(name, img_size=config.img_size,
+                                  num_classes=config.num_classes)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=config.weight_decay)
+  g = model.grid
+  rng = np.random.default_rng(0)
+  x = torch.from_numpy(rng.normal(size=(batch_size, 3, config.img_size, config.img_size))
+                       .astype(np.float32))
+  k = config.num_classes
+  t_cls = torch.softmax(torch.randn(batch_size, k), -1)
+  t_tok = torch.softmax(torch.randn(batch_size, g * g, k), -1)
+  box = (2, 3, min(g, 9), min(g, 11))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    cls, aux = model(x, box)
+    loss = (-(t_cls * torch.log_softmax(cls, -1)).sum(-1).mean()
+            + config.dense_weight * -(t_tok * torch.log_softmax(aux, -1)).sum(-1).mean())
+    loss.backward()
+    opt.step()
+
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  t = statistics.median(times)
+  return ('PyTorch (tests/torch_lvvit.py), fwd+bwd+AdamW', batch_size / t, t,
+          torch.get_num_threads())
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--model', default='lvvit_s')
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--img-size', type=int, default=224)
+  p.add_argument('--num-classes', type=int, default=1000)
+  p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'])
+  p.add_argument('--steps', type=int, default=3)
+  p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--peak-tflops', type=float, default=None)
+  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch row')
+  args = p.parse_args()
+
+  config = lvvit_config.get_config(f'variant={args.model.split("_")[-1]}')
+  config.img_size, config.num_classes, config.dtype = args.img_size, args.num_classes, args.dtype
+  config.batch_size = args.batch
+  dtype = train.compute_dtype(config)
+  peak, how = peak_tflops(jnp.dtype(dtype), args.peak_tflops)
+  rows = jax_rows(config, args.batch, args.steps, args.warmup)
+  dev = jax.devices()[0]
+  print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()} | {args.model}@'
+        f'{args.img_size} batch {args.batch} | compute {dtype} | peak {peak:.2f} TFLOP/s ({how})')
+  print(f'{"update step":48s} {"images/s":>9s} {"ms/step":>9s} {"TFLOP/step":>11s} {"MFU":>7s}')
+  for name, ips, flops, t in rows:
+    print(f'{"JAX: " + name:48s} {ips:9.2f} {t * 1e3:9.0f} {flops / 1e12:11.3f} '
+          f'{100 * flops / t / 1e12 / peak:6.1f}%')
+  if not args.no_torch:
+    name, ips, t, threads = torch_row(config, args.batch, args.steps, args.warmup)
+    print(f'{name:48s} {ips:9.2f} {t * 1e3:9.0f} {"":>11s} {"":>7s}  ({threads} threads)')
+    print(f'ratio JAX (token labels, no augmentation) / PyTorch: {rows[2][1] / ips:.2f}x; '
+          f'JAX full step (token labels + device augmentation) / PyTorch: {rows[1][1] / ips:.2f}x')
+
+
+if __name__ == '__main__':
+  main()

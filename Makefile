@@ -1,4 +1,4 @@
-# Quick start: `make demo` (runs the main job on the embedded demo data) and `make test`.
+# Quick start: `make demo` (the whole method on the bundled demo data) and `make test`.
 # Both create .venv with everything needed; nothing is downloaded at run time.
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,8 +14,20 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# The whole method on the bundled digits: a teacher, its score maps, a student with token labels
+# and the same student on plain labels, then the three eval figures. A rerun skips what is done
+# (the trainer resumes from its checkpoints, labelgen keeps finished shards).
+DEMO ?= workdir/demo
 demo: $(STAMP)
-	$(PY) main.py --config configs/demo.py --workdir workdir/demo
+	$(PY) main.py --config configs/demo.py:stage=teacher,root=$(DEMO) --workdir $(DEMO)/teacher
+	$(PY) -m labelgen generate --teacher $(DEMO)/teacher --source digits:64 --data-dir $(DEMO)/data \
+	  --out $(DEMO)/score_maps --size 64
+	$(PY) main.py --config configs/demo.py:stage=student,root=$(DEMO) --workdir $(DEMO)/student
+	$(PY) main.py --config configs/demo.py:stage=baseline,root=$(DEMO) --workdir $(DEMO)/baseline
+	$(PY) -m labelgen show --source digits:64 --data-dir $(DEMO)/data --shards $(DEMO)/score_maps \
+	  --image-size 64 --grid 8 --index 3 --augment --out $(DEMO)/token_labels.png
+	$(PY) -m lvvit_jax.report teacher=$(DEMO)/teacher student=$(DEMO)/student \
+	  baseline=$(DEMO)/baseline
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15

@@ -1,22 +1,34 @@
-"""The demo: a tiny LV-ViT trained by the real trainer on the bundled digits, on a laptop CPU.
+"""The demo: token labeling end to end on the bundled digits, on a laptop CPU (`make demo`).
 
-    python main.py --config configs/demo.py --workdir workdir/demo      # what `make demo` runs
-    python main.py --config configs/demo.py:runlocal --workdir /tmp/smoke
+    python main.py --config configs/demo.py:stage=teacher --workdir workdir/demo/teacher
+    python -m labelgen generate --teacher workdir/demo/teacher --source digits:64 \\
+        --data-dir workdir/demo/data --out workdir/demo/score_maps --size 64
+    python main.py --config configs/demo.py:stage=student --workdir workdir/demo/student
+    python main.py --config configs/demo.py:stage=baseline --workdir workdir/demo/baseline
+    python main.py --config configs/demo.py:stage=student,runlocal --workdir /tmp/smoke
 
-scikit-learn's 1,797 handwritten digits, each pasted at a random position and scale on a
-64x64 canvas (`lvvit_jax/data/digits.py`), are written once into an ImageFolder of PNGs and
-shards under WORKDIR/data, then go through the whole path: the tf.data train and eval
-iterators (random-resized crop, flip, RandAugment, erasing), the sharded update step with
-MixToken and the token-labeling loss, Orbax checkpoints (a rerun resumes), and the eval.
-The model is LV-ViT-T's stem and blocks at patch 8 (an 8x8 token grid), 4 blocks of dim 192.
+scikit-learn's 1,797 handwritten digits, each pasted at a random position and scale on a 64x64
+canvas (`lvvit_jax/data/digits.py`), are written once into an ImageFolder of PNGs and shards
+under `<root>/data` (root: workdir/demo, `root=...` to change it), then go through the real
+path: the tf.data iterators, the sharded update step with device augmentation, MixToken and
+the token-labeling loss, Orbax checkpoints (a rerun resumes or skips a finished stage), evals.
+
+Stages (the paper's recipe, small): a `teacher` trained on plain labels; its dense score maps
+(labelgen, in `<root>/score_maps`); a `student` trained with token labels from them; the same
+student trained as a `baseline` on plain labels (MixToken on, the same steps). The model is
+LV-ViT-T's stem and blocks at patch 8 (an 8x8 token grid), narrowed to dim 192.
 """
 import ml_collections
 
 from configs import common
 
+STAGES = ('teacher', 'student', 'baseline')
+
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg(arg, stage='student', root='workdir/demo', runlocal=False)
+  if arg.stage not in STAGES:
+    raise ValueError(f'configs/demo.py: stage={arg.stage!r}; use one of {STAGES}.')
   c = common.get_base_config()
   c.model = 'lvvit_t'
   c.model_overrides = ml_collections.ConfigDict({
@@ -26,23 +38,30 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.num_classes = 10
   c.dtype = 'float32'
   c.data.source = 'digits:64'
+  c.data.data_dir = f'{arg.root}/data'
   c.data.shuffle_buffer = 2048
   c.data.cycle_length = 8
   c.evals = ml_collections.ConfigDict()
   c.evals.val = {'source': 'digits:64', 'split': 'validation'}
+  c.aug.randaug_magnitude = 5.0
   c.batch_size = 64
   c.lr = 2e-3
-  c.total_steps = 1200
-  c.warmup_steps = 100
+  c.total_steps = 600
+  c.warmup_steps = 60
   c.end_lr = 1e-5
-  c.ema_decay = 0.998
-  c.log_every = 100
-  c.eval_every = 400
-  c.checkpoint_every = 400
+  c.ema_decay = 0.99
+  c.log_every = 50
+  c.eval_every = 600
+  c.checkpoint_every = 200
+  if arg.stage == 'teacher':
+    c.total_steps = 900
+    c.eval_every = 900
+    c.aug.scale = (0.35, 1.0)    # The teacher sees mostly whole digits.
+  elif arg.stage == 'student':
+    c.data.score_maps_dir = f'{arg.root}/score_maps'
   if arg.runlocal:
     common.runlocal(c, steps=24)
-    c.img_size = 64
-    c.data.source = 'digits:64'
-    c.evals.val = {'source': 'digits:64', 'split': 'validation'}
-    c.model_overrides.depth = 2
+    c.data.source = c.evals.val.source = 'digits:64'
+    c.data.data_dir = None
+    c.data.score_maps_dir = None
   return c

@@ -3,7 +3,8 @@
 Two processes with 2 CPU devices each (`jax.distributed` on 127.0.0.1, gloo collectives) form
 one 4-device mesh; the one-process reference runs in this process on the 4 virtual devices of
 conftest.py. Both read the same two data streams (`config.data.num_streams=2`), so they see
-the same global batches. The dataset has 40 images in 4 shards: an epoch is 5 steps of 8.
+the same global batches. The dataset has 40 images in 4 shards: an epoch is 5 steps of 8, and
+a run is 4 epochs.
 """
 import os
 import re
@@ -27,7 +28,7 @@ from tests.run_helpers import load_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 7
+STEPS = 20   # Steps take ~0.2 s: a signal sent at step 2-5 lands well before the end.
 
 
 @pytest.fixture(scope='module')
@@ -49,8 +50,10 @@ def small_data(digits_data, tmp_path_factory):
 
 
 def _overrides(small_data, **more):
+  # lr 2e-4: Adam turns float rounding in tiny gradients (BatchNorm biases) into full-size
+  # updates; at a small lr the runs stay within float rounding of each other for all steps.
   out = {'data.source': small_data, 'data.num_streams': 2, 'data.shuffle_buffer': 16,
-         'data.cycle_length': 2, 'batch_size': 8, 'total_steps': STEPS, 'log_every': 1,
+         'data.cycle_length': 2, 'batch_size': 8, 'total_steps': STEPS, 'log_every': 1, 'lr': 2e-4,
          'checkpoint_every': 2, 'eval_every': STEPS, 'model_overrides.depth': 1,
          'data.log_keys': True}
   out['evals.val.source'] = small_data
@@ -120,15 +123,24 @@ def _arrays(workdir, step=STEPS, keys=('params', 'ema_params', 'batch_stats', 'o
   return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
-def _assert_same(a, b, rtol=0.0):
-  """Bitwise, or to `rtol` of each tensor's largest magnitude (sums in another order)."""
+def _assert_same(a, b, rounding=False):
+  """Bitwise, or (rounding=True: sums taken in another order) the same to float rounding.
+
+  Rounding: every tensor within 1e-3 of its norm, all of them together within 1e-5. Adam turns
+  rounding in a near-zero gradient into a full-size update of that element, so after 20 steps
+  the tiny BatchNorm biases differ by ~3e-4 of their norm and everything else by < 4e-5 (seen
+  here); a wrong batch or a wrong update moves the tensors by 1e-2 of their norm or more.
+  """
   assert sorted(a) == sorted(b) and len(a) > 10
   for k in a:
-    if rtol:
-      np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=rtol * np.abs(a[k]).max(),
-                                 err_msg=k)
+    if rounding:
+      diff = np.linalg.norm(a[k] - b[k])
+      assert diff <= 1e-3 * np.linalg.norm(b[k]) + 1e-7, (k, diff, np.linalg.norm(b[k]))
     else:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  if rounding:
+    flat = lambda t: np.concatenate([t[k].ravel() for k in sorted(t)])  # noqa: E731
+    assert np.linalg.norm(flat(a) - flat(b)) <= 1e-5 * np.linalg.norm(flat(b))
 
 
 @pytest.fixture(scope='module')
@@ -166,7 +178,7 @@ def test_two_processes_equal_one(fsdp, small_data, one_process_run, two_process_
   # Gradients are all-reduced in another order (gloo across processes): the same to float
   # rounding, not bitwise.
   keys = ('params', 'ema_params', 'batch_stats')
-  _assert_same(_arrays(one, keys=keys), _arrays(two, keys=keys), rtol=1e-4)
+  _assert_same(_arrays(one, keys=keys), _arrays(two, keys=keys), rounding=True)
   run = checkpoints.TrainCheckpoints(two, read_only=True).run_description(STEPS)
   assert run['mesh'] == {'data': 4 // fsdp, 'fsdp': fsdp, 'processes': 2}
 
@@ -212,7 +224,7 @@ def test_kill_both_processes_and_restart(small_data, two_process_run, tmp_path):
     p.kill()
   _finish(procs)
   latest = checkpoints.TrainCheckpoints(workdir, read_only=True).latest_step()
-  assert latest in (2, 4)
+  assert latest in range(2, STEPS, 2)
   outs = _run(workdir, _overrides(small_data))
   assert f'Resumed from {workdir}/checkpoints/{latest}' in outs[0]
   _assert_same(_arrays(two_process_run), _arrays(workdir))
@@ -221,13 +233,13 @@ def test_kill_both_processes_and_restart(small_data, two_process_run, tmp_path):
 def test_sigterm_to_one_process_saves_both_and_resumes(small_data, two_process_run, tmp_path):
   workdir = str(tmp_path / 'run')
   procs = _launch(workdir, _overrides(small_data, checkpoint_every=100))
-  _wait_for(procs, r'step 3: loss')
+  _wait_for(procs, r'step 2: loss')
   procs[1].send_signal(signal.SIGTERM)
   outs = _finish(procs)
   assert [rc for rc, _ in outs] == [0, 0], outs[1][1][-3000:]
   stopped = int(re.search(r'Preempted: saved the checkpoint of step (\d+)', outs[0][1]).group(1))
   assert f'Preempted: saved the checkpoint of step {stopped}' in outs[1][1]
-  assert 3 <= stopped < STEPS
+  assert 2 <= stopped < STEPS
   _run(workdir, _overrides(small_data, checkpoint_every=100))
   _assert_same(_arrays(two_process_run), _arrays(workdir))
 
@@ -245,7 +257,7 @@ def test_resume_on_another_mesh_and_process_count(small_data, two_process_run, t
   assert f'Resumed from {workdir}/checkpoints/{latest}' in out
   assert "restoring onto {'data': 2, 'fsdp': 1, 'processes': 1} (resharded)" in out
   keys = ('params', 'ema_params', 'batch_stats')
-  _assert_same(_arrays(two_process_run, keys=keys), _arrays(workdir, keys=keys), rtol=1e-4)
+  _assert_same(_arrays(two_process_run, keys=keys), _arrays(workdir, keys=keys), rounding=True)
   np.testing.assert_allclose([v for _, v in _losses(workdir)][-2:],
                              [v for _, v in _losses(two_process_run)][-2:], rtol=1e-5)
 
@@ -288,7 +300,7 @@ def test_sigkill_during_an_async_save(small_data, one_process_run, tmp_path):
 def test_a_checkpoint_of_another_model_is_refused(small_data, one_process_run, tmp_path):
   config = load_config('lvvit.py:variant=s,runlocal', **_overrides(small_data))
   with pytest.raises(checkpoints.RunMismatchError,
-                     match=r'checkpoints/7 is a checkpoint of lvvit_t \(img_size 64, 10 classes, '
+                     match=r'checkpoints/20 is a checkpoint of lvvit_t \(img_size 64, 10 classes, '
                            r'dim 240, depth 1\) but the config describes lvvit_s \(img_size 64, '
                            r'10 classes, dim 384, depth 1\)'):
     train.train_and_evaluate(config, one_process_run)

@@ -29,17 +29,25 @@ demo: $(STAMP)
 	$(PY) -m lvvit_jax.report teacher=$(DEMO)/teacher student=$(DEMO)/student \
 	  baseline=$(DEMO)/baseline
 
+# Test files run in parallel (pytest-xdist, one worker per core up to 4, a file per worker):
+# most of the suite is compilation and process start-up, which one core does at a time.
+XDIST := -n auto --maxprocesses=4 --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 $(XDIST)
 
 # The suite without the slow end-to-end tests (CI runs everything via `make test`).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 # Benchmarks are modules of the `benchmarks` package (they share helpers by import).
+# One after another: they time the machine, so never in parallel.
 bench: $(STAMP)
 	$(PY) -m benchmarks.model_step --model lvvit_s --batch 8 --dtype bfloat16
+	$(PY) -m benchmarks.train_step --model lvvit_s --batch 8
+	$(PY) -m benchmarks.token_targets --model-batch 8
 	$(PY) -m benchmarks.input_pipeline
+	$(PY) -m benchmarks.labelgen --model lvvit_m --size 384 --batch 8 --images 32
+	$(PY) -m benchmarks.checkpoint_save --model lvvit_s
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

@@ -1,7 +1,7 @@
 """Score-map generation throughput (`labelgen generate`) on whatever device JAX sees.
 
-    python benchmarks/labelgen.py --model lvvit_m --size 384 --batch 16 --images 64   # real size
-    python benchmarks/labelgen.py --model lvvit_t --size 64 --images 16 --batch 4
+    python -m benchmarks.labelgen --model lvvit_m --size 384 --batch 16 --images 64   # real size
+    python -m benchmarks.labelgen --model lvvit_t --size 64 --images 16 --batch 4
 
 A random-init teacher, saved as a converted variables checkpoint, labels a folder of generated
 JPEGs (crops of scikit-learn's two sample photos resized to 500x375 or 375x500, quality 90)
@@ -22,11 +22,6 @@ import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# `labelgen` package it benchmarks; the package is importable without that entry.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
-
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp

@@ -1,11 +1,11 @@
 """Forward and forward+backward throughput of an LV-ViT model on whatever device JAX sees.
 
-    python benchmarks/model_step.py --model lvvit_s --batch 64 --dtype bfloat16
+    python -m benchmarks.model_step --model lvvit_s --batch 64 --dtype bfloat16
 
 Prints images/s and achieved TFLOP/s (FLOPs from XLA's cost analysis of the compiled
-computation, 2 FLOPs per multiply-add). The training step is the real one minus the optimizer:
-MixToken with a traced box, drop path on, BatchNorm in training mode, the token-labeling loss
-with random soft targets, gradients of all parameters.
+computation, 2 FLOPs per multiply-add). The training pass is the trainer's loss minus the
+optimizer: `objective.training_loss` (label targets, a MixToken box, drop path on, BatchNorm in
+training mode, the token-labeling loss) and the gradients of all parameters.
 """
 import argparse
 import statistics
@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lvvit_jax import token_labeling as tl
+from lvvit_jax.token_labeling import objective
 from lvvit_jax.models import create_model
 
 
@@ -54,29 +54,20 @@ def main():
   key = jax.random.key(0)
   images = jax.random.normal(key, (b, s, s, 3), jnp.float32)
   variables = jax.jit(lambda x: model.init({'params': key}, x[:1]))(images)
-  grid = model.config.grid
-  cls_t = jax.nn.softmax(jax.random.normal(key, (b, k)))
-  tok_t = jax.nn.softmax(jax.random.normal(key, (b, grid[0] * grid[1], k)))
-  box = jnp.array([2, 3, 9, 11], jnp.int32)
+  batch = {'image': images, 'label': jnp.arange(b, dtype=jnp.int32) % k}
 
   def forward(variables, images):
     return model.apply(variables, images)
 
-  def loss_fn(params, batch_stats, images, box, rng):
-    (cls, aux), updates = model.apply(
-        {'params': params, 'batch_stats': batch_stats}, images, train=True, mix_box=box,
-        rngs={'dropout': rng}, mutable=['batch_stats'])
-    return tl.token_label_loss(cls, aux, cls_t, tok_t)[0], updates
-
-  def train_grad(variables, images, box, rng):
-    return jax.grad(loss_fn, has_aux=True)(variables['params'], variables['batch_stats'],
-                                           images, box, rng)
+  def train_grad(variables, batch, rng):
+    return jax.grad(objective.training_loss, argnums=1, has_aux=True)(
+        model, variables['params'], variables['batch_stats'], batch, rng)
 
   fwd = jax.jit(forward).lower(variables, images).compile()
-  bwd = jax.jit(train_grad).lower(variables, images, box, key).compile()
+  bwd = jax.jit(train_grad).lower(variables, batch, key).compile()
   results = {}
   for name, fn, fn_args in (('forward', fwd, (variables, images)),
-                            ('forward+backward', bwd, (variables, images, box, key))):
+                            ('forward+backward', bwd, (variables, batch, key))):
     t = time_fn(fn, fn_args, args.steps, args.warmup)
     flops = compiled_flops(fn)
     results[name] = (b / t, flops / t / 1e12, t)

@@ -1,6 +1,6 @@
 """Prints the model zoo table: parameters, GFLOPs per image and published top-1.
 
-    python benchmarks/model_zoo.py
+    python -m benchmarks.model_zoo
 
 Parameters are counted with `jax.eval_shape` (no compile). GFLOPs come from XLA's cost
 analysis of the compiled batch-1 inference forward (2 FLOPs per multiply-add); GMACs, the

@@ -1,12 +1,12 @@
 """Cost of token-label targets plus MixToken next to the model's forward+backward step.
 
-    python benchmarks/token_targets.py --batch 128 --map 18 --k 5 --grid 14 --model lvvit_s
-    python benchmarks/token_targets.py --model-batch 8   # CPU: time the model at 8, scale to 128
+    python -m benchmarks.token_targets --batch 128 --map 18 --k 5 --grid 14 --model lvvit_s
+    python -m benchmarks.token_targets --model-batch 8   # CPU: time the model at 8, scale to 128
 
 Times (median of --steps runs after warm-up, synchronised) the jitted
 `token_targets + sample_mix_box + mix_targets` on random 18x18x5 maps with random crops, flips
-and rotations, for each pooling method, and the lvvit_s training forward+backward (MixToken box,
-drop path, BatchNorm in training mode, the token-labeling loss, gradients of all parameters).
+and rotations, for each pooling method, and the lvvit_s training forward+backward (the
+trainer's `objective.training_loss` on plain labels and its gradients).
 With --model-batch smaller than --batch the model time is scaled linearly to --batch, and the
 output says so. Goal: targets + MixToken under 3% of the step.
 """
@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.model_step import time_fn
 from lvvit_jax import token_labeling as tl
 from lvvit_jax.models import create_model
-from model_step import time_fn  # benchmarks/ is on sys.path when run as a script
+from lvvit_jax.token_labeling import objective
 
 
 def random_maps(rng: np.random.Generator, b: int, size: int, k: int, num_classes: int):
@@ -93,22 +94,14 @@ def main():
   model = create_model(args.model, num_classes=kc, img_size=img_size, dtype=dtype)
   images = jax.random.normal(key, (mb, img_size, img_size, 3), jnp.float32)
   variables = jax.jit(lambda x: model.init({'params': key, 'dropout': key}, x[:1]))(images)
-  cls_t = jax.nn.softmax(jax.random.normal(key, (mb, kc)))
-  tok_t = jax.nn.softmax(jax.random.normal(key, (mb, g, g, kc)))
-  box = jnp.array([2, 3, 9, 11], jnp.int32)
-
-  def loss_fn(params, batch_stats, images, box, rng):
-    (cls, aux), updates = model.apply(
-        {'params': params, 'batch_stats': batch_stats}, images, train=True, mix_box=box,
-        rngs={'dropout': rng}, mutable=['batch_stats'])
-    return tl.token_label_loss(cls, aux, cls_t, tok_t)[0], updates
+  batch = {'image': images, 'label': jnp.arange(mb, dtype=jnp.int32) % kc}
 
   @jax.jit
-  def train_grad(variables, images, box, rng):
-    return jax.grad(loss_fn, has_aux=True)(variables['params'], variables['batch_stats'],
-                                           images, box, rng)
+  def train_grad(variables, batch, rng):
+    return jax.grad(objective.training_loss, argnums=1, has_aux=True)(
+        model, variables['params'], variables['batch_stats'], batch, rng)
 
-  step = time_fn(train_grad, (variables, images, box, key), args.steps, args.warmup)
+  step = time_fn(train_grad, (variables, batch, key), args.steps, args.warmup)
   scaled = step * b / mb
 
   device = f'{backend} {jax.devices()[0].device_kind} x{jax.device_count()}'

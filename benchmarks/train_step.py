@@ -68,9 +68,15 @@ def synthetic_batch(b, size, num_classes, *, maps: bool, augment: bool, seed=0):
   return batch
 
 
-def jax_rows(config, batch_size, steps, warmup):
+# --variants id -> (row name, score maps, device augmentation).
+VARIANTS = {'plain': ('plain labels', False, True), 'token': ('token labels', True, True),
+            'token-noaug': ('token labels, no augmentation', True, False)}
+
+
+def jax_rows(config, batch_size, steps, warmup, variants=tuple(VARIANTS)):
   model = train.build_model(config)
   mesh = sharding.make_mesh()
+  sharding.check_global_batch(batch_size, mesh, jax.process_count(), setting='--batch')
   schedule, _ = train.make_schedule(config, 1000)
   rng = jax.random.key(0)
   size = config.img_size
@@ -84,8 +90,8 @@ def jax_rows(config, batch_size, steps, warmup):
       model, tx, schedule, train.objective_config(config), ema_decay=config.ema_decay,
       augment=train.device_augment_config(config)), shardings, mesh)
   rows = []
-  for name, maps, augment in (('plain labels', False, True), ('token labels', True, True),
-                              ('token labels, no augmentation', True, False)):
+  for variant in variants:
+    name, maps, augment = VARIANTS[variant]
     batch = sharding.host_to_global(
         synthetic_batch(batch_size, size, config.num_classes, maps=maps, augment=augment), mesh)
     state = init(rng)
@@ -150,6 +156,8 @@ def main():
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--peak-tflops', type=float, default=None)
   p.add_argument('--no-torch', action='store_true', help='skip the PyTorch row')
+  p.add_argument('--variants', default=','.join(VARIANTS),
+                 help=f'comma-separated JAX rows, of: {",".join(VARIANTS)}')
   args = p.parse_args()
 
   config = lvvit_config.get_config(f'variant={args.model.split("_")[-1]}')
@@ -157,7 +165,11 @@ def main():
   config.batch_size = args.batch
   dtype = train.compute_dtype(config)
   peak, how = peak_tflops(jnp.dtype(dtype), args.peak_tflops)
-  rows = jax_rows(config, args.batch, args.steps, args.warmup)
+  variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    p.error(f'--variants: unknown {unknown}; use some of {list(VARIANTS)}')
+  rows = jax_rows(config, args.batch, args.steps, args.warmup, variants)
   dev = jax.devices()[0]
   print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()} | {args.model}@'
         f'{args.img_size} batch {args.batch} | compute {dtype} | peak {peak:.2f} TFLOP/s ({how})')
@@ -168,8 +180,11 @@ def main():
   if not args.no_torch:
     name, ips, t, threads = torch_row(config, args.batch, args.steps, args.warmup)
     print(f'{name:48s} {ips:9.2f} {t * 1e3:9.0f} {"":>11s} {"":>7s}  ({threads} threads)')
-    print(f'ratio JAX (token labels, no augmentation) / PyTorch: {rows[2][1] / ips:.2f}x; '
-          f'JAX full step (token labels + device augmentation) / PyTorch: {rows[1][1] / ips:.2f}x')
+    rate = {name: r_ips for name, r_ips, _, _ in rows}
+    for name, what in (('token labels, no augmentation', 'the same work'),
+                       ('token labels', 'full step, with device augmentation')):
+      if name in rate:
+        print(f'ratio JAX ({name}) / PyTorch ({what}): {rate[name] / ips:.2f}x')
 
 
 if __name__ == '__main__':

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lvvit_jax.models import get_config
+
 _FILE = 'lvvit_jax/checkpoints.py'
 
 MODEL_FILE = 'model.json'
@@ -262,7 +264,6 @@ def load_model_variables(path: str, *, ema: bool = True
   workdir (its latest step) or one step folder of a trainer's `checkpoints/`. For trainer
   checkpoints `ema` picks the EMA weights (the reported model) over the raw ones.
   """
-  from lvvit_jax.models import get_config  # pylint: disable=g-import-not-at-top  (cycle)
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{_FILE}: {path} does not exist; point it at a converted '

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from lvvit_jax import augment as device_augment
 from lvvit_jax import checkpoints
 from lvvit_jax import evaluate as evaluate_lib
 from lvvit_jax import optim
@@ -105,11 +106,11 @@ def pipeline_config(config: ml_collections.ConfigDict, workdir: str, *, source: 
                     score_maps_dir: Optional[str] = None, label_feature: str = 'label',
                     crop_pct: float = 0.9):
   """The `PipelineConfig` of one data stream (train) or of this process (eval)."""
-  from lvvit_jax.data import augment  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from lvvit_jax.data import augment as host_augment  # pylint: disable=g-import-not-at-top  (TF)
   from lvvit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   # The host's part of config.aug (crop and resize); the rest: `device_augment_config`.
-  aug = augment.AugmentConfig(image_size=config.img_size, scale=tuple(config.aug.scale),
-                              ratio=tuple(config.aug.ratio))
+  aug = host_augment.AugmentConfig(image_size=config.img_size, scale=tuple(config.aug.scale),
+                                   ratio=tuple(config.aug.ratio))
   d = config.data
   return pipeline.PipelineConfig(
       source=source, split=split, data_dir=data_dir(config, workdir, source),
@@ -126,9 +127,8 @@ def device_augment_config(config: ml_collections.ConfigDict):
 
   The train step applies it to the pipeline's uint8 crops (`lvvit_jax.augment.augment_batch`).
   """
-  from lvvit_jax import augment  # pylint: disable=g-import-not-at-top
   a = config.aug
-  return augment.DeviceAugmentConfig(
+  return device_augment.DeviceAugmentConfig(
       hflip=a.hflip, randaug_num_ops=a.randaug_num_ops, randaug_magnitude=a.randaug_magnitude,
       randaug_mstd=a.randaug_mstd, randaug_prob=a.randaug_prob, erase_prob=a.erase_prob)
 
@@ -307,13 +307,12 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
   batch (the augmentation's only on the example's `aug_seed`), so the result does not depend
   on how the batch is split across devices.
   """
-  from lvvit_jax import augment as augment_lib  # pylint: disable=g-import-not-at-top
-  augment = augment or augment_lib.DeviceAugmentConfig()
+  augment = augment or device_augment.DeviceAugmentConfig()
 
   def loss_fn(params, batch_stats, batch, rng):
     if 'aug_seed' in batch:
       batch = dict(batch)
-      image, affine = augment_lib.augment_batch(
+      image, affine = device_augment.augment_batch(
           batch.pop('image'), batch.pop('aug_seed'), batch['label_affine'], augment,
           getattr(model, 'dtype', jnp.float32))
       batch.update(image=image, label_affine=affine)
@@ -493,11 +492,10 @@ def make_predict(model, var_shardings: Mapping[str, Any], mesh: jax.sharding.Mes
 
   uint8 images (the eval pipeline's) are normalised on the device with the ImageNet mean/std.
   """
-  from lvvit_jax import augment  # pylint: disable=g-import-not-at-top
 
   def predict(variables, images):
     if images.dtype == jnp.uint8:
-      images = augment.normalize(images, dtype=getattr(model, 'dtype', jnp.float32))
+      images = device_augment.normalize(images, dtype=getattr(model, 'dtype', jnp.float32))
     return model.apply(variables, images)
 
   eval_step = evaluate_lib.make_eval_step(predict)

@@ -18,7 +18,7 @@ def _run(*args):
 
 @pytest.mark.slow
 def test_model_step_prints_throughput_and_tflops():
-  out = _run('benchmarks/model_step.py', '--model', 'lvvit_t', '--img-size', '64', '--batch',
+  out = _run('-m', 'benchmarks.model_step', '--model', 'lvvit_t', '--img-size', '64', '--batch',
              '2', '--num-classes', '10', '--dtype', 'float32', '--steps', '1', '--warmup', '1')
   rows = re.findall(r'^(forward|forward\+backward) +([0-9.]+) +([0-9.]+) +([0-9.]+)$', out,
                     re.M)
@@ -28,7 +28,7 @@ def test_model_step_prints_throughput_and_tflops():
 
 @pytest.mark.slow
 def test_token_targets_benchmark_prints_the_share_of_the_step():
-  out = _run('benchmarks/token_targets.py', '--batch', '4', '--model-batch', '2',
+  out = _run('-m', 'benchmarks.token_targets', '--batch', '4', '--model-batch', '2',
              '--num-classes', '10', '--grid', '4', '--map', '6', '--k', '3',
              '--model', 'lvvit_t', '--steps', '1', '--warmup', '1')
   assert re.search(r'targets\[scatter\] \+ MixToken = [0-9.]+% of the lvvit_t step', out), out
@@ -36,7 +36,7 @@ def test_token_targets_benchmark_prints_the_share_of_the_step():
 
 @pytest.mark.slow
 def test_labelgen_benchmark_prints_images_per_second_and_bytes_per_image():
-  out = _run('benchmarks/labelgen.py', '--model', 'lvvit_t', '--size', '32', '--images', '8',
+  out = _run('-m', 'benchmarks.labelgen', '--model', 'lvvit_t', '--size', '32', '--images', '8',
              '--batch', '4', '--num-classes', '10', '--steps', '1')
   rates = re.findall(r'^(teacher step|labelgen generate) .*? ([0-9.]+) images/s', out, re.M)
   assert [r[0] for r in rates] == ['teacher step', 'labelgen generate'], out
@@ -63,3 +63,29 @@ def test_input_pipeline_benchmark_prints_the_ratios_and_the_device_share():
                    out, re.M), out
   assert re.search(r'^device augmentation = [0-9.]+% of the lvvit_t training step at batch 8',
                    out, re.M), out
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_prints_images_per_second_mfu_and_the_torch_ratio():
+  # One JAX row (each is a compile of the whole step) next to PyTorch's.
+  out = _run('-m', 'benchmarks.train_step', '--model', 'lvvit_t', '--img-size', '32',
+             '--batch', '4', '--num-classes', '10', '--steps', '1', '--warmup', '1',
+             '--variants', 'token-noaug')
+  rows = re.findall(r'^(JAX: [a-z ,]+?|PyTorch .*?) +([0-9.]+) +([0-9]+) ', out, re.M)
+  assert [r[0] for r in rows] == ['JAX: token labels, no augmentation',
+                                  'PyTorch (tests/torch_lvvit.py), fwd+bwd+AdamW'], out
+  assert all(float(r[1]) > 0 for r in rows), out
+  mfu = re.findall(r' ([0-9.]+)%$', out, re.M)
+  assert len(mfu) == 1 and float(mfu[0]) > 0, out
+  assert re.search(r'^ratio JAX \(token labels, no augmentation\) / PyTorch \(the same work\): '
+                   r'[0-9.]+x$', out, re.M), out
+
+
+@pytest.mark.slow
+def test_checkpoint_save_benchmark_prints_blocked_and_background_seconds():
+  out = _run('-m', 'benchmarks.checkpoint_save', '--model', 'lvvit_t', '--img-size', '32',
+             '--num-classes', '10', '--saves', '2')
+  secs = dict(re.findall(r'^(blocked in the loop|in the background|whole save)\D*? +'
+                         r'([0-9.]+) s', out, re.M))
+  assert set(secs) == {'blocked in the loop', 'in the background', 'whole save'}, out
+  assert float(secs['whole save']) > 0, out

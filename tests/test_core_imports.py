@@ -8,7 +8,9 @@ import sys
 
 CORE = ['lvvit_jax', 'lvvit_jax.models', 'lvvit_jax.models.lvvit', 'lvvit_jax.models.convert',
         'lvvit_jax.token_labeling', 'lvvit_jax.optim', 'lvvit_jax.checkpoints',
-        'lvvit_jax.convert', 'lvvit_jax.augment']
+        'lvvit_jax.convert', 'lvvit_jax.augment', 'lvvit_jax.train',
+        'lvvit_jax.sharding', 'lvvit_jax.evaluate', 'lvvit_jax.metrics',
+        'lvvit_jax.preemption', 'lvvit_jax.token_labeling.objective']
 
 
 def test_core_imports_with_tensorflow_and_torch_blocked():

@@ -4,7 +4,7 @@ Two processes with 2 CPU devices each (`jax.distributed` on 127.0.0.1, gloo coll
 one 4-device mesh; the one-process reference runs in this process on the 4 virtual devices of
 conftest.py. Both read the same two data streams (`config.data.num_streams=2`), so they see
 the same global batches. The dataset has 40 images in 4 shards: an epoch is 5 steps of 8, and
-a run is 4 epochs.
+a run is 12 steps (two epoch boundaries).
 """
 import os
 import re
@@ -28,7 +28,7 @@ from tests.run_helpers import load_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 20   # Steps take ~0.2 s: a signal sent at step 2-5 lands well before the end.
+STEPS = 12   # Steps take ~0.2 s: a signal sent at step 2-5 lands well before the end.
 
 
 @pytest.fixture(scope='module')
@@ -216,14 +216,26 @@ def test_every_process_writes_its_part_of_each_checkpoint(two_process_run):
 # Faults.
 
 
-def test_kill_both_processes_and_restart(small_data, two_process_run, tmp_path):
-  workdir = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def killed_run(small_data, tmp_path_factory):
+  """(workdir, latest step) of two processes SIGKILLed after step 5; tests restart a copy."""
+  workdir = str(tmp_path_factory.mktemp('killed') / 'run')
   procs = _launch(workdir, _overrides(small_data))
   _wait_for(procs, r'step 5: loss')
   for p in procs:
     p.kill()
   _finish(procs)
-  latest = checkpoints.TrainCheckpoints(workdir, read_only=True).latest_step()
+  return workdir, checkpoints.TrainCheckpoints(workdir, read_only=True).latest_step()
+
+
+def _copy_of(killed_run, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(killed_run[0], workdir)
+  return workdir, killed_run[1]
+
+
+def test_kill_both_processes_and_restart(small_data, two_process_run, killed_run, tmp_path):
+  workdir, latest = _copy_of(killed_run, tmp_path)
   assert latest in range(2, STEPS, 2)
   outs = _run(workdir, _overrides(small_data))
   assert f'Resumed from {workdir}/checkpoints/{latest}' in outs[0]
@@ -244,15 +256,10 @@ def test_sigterm_to_one_process_saves_both_and_resumes(small_data, two_process_r
   _assert_same(_arrays(two_process_run), _arrays(workdir))
 
 
-def test_resume_on_another_mesh_and_process_count(small_data, two_process_run, tmp_path):
+def test_resume_on_another_mesh_and_process_count(small_data, two_process_run, killed_run,
+                                                  tmp_path):
   """Two processes x 2 devices killed; resumed by one process with 2 devices (resharded)."""
-  workdir = str(tmp_path / 'run')
-  procs = _launch(workdir, _overrides(small_data))
-  _wait_for(procs, r'step 5: loss')
-  for p in procs:
-    p.kill()
-  _finish(procs)
-  latest = checkpoints.TrainCheckpoints(workdir, read_only=True).latest_step()
+  workdir, latest = _copy_of(killed_run, tmp_path)
   out = _run(workdir, _overrides(small_data), processes=1, devices=2)[0]
   assert f'Resumed from {workdir}/checkpoints/{latest}' in out
   assert "restoring onto {'data': 2, 'fsdp': 1, 'processes': 1} (resharded)" in out
@@ -300,9 +307,9 @@ def test_sigkill_during_an_async_save(small_data, one_process_run, tmp_path):
 def test_a_checkpoint_of_another_model_is_refused(small_data, one_process_run, tmp_path):
   config = load_config('lvvit.py:variant=s,runlocal', **_overrides(small_data))
   with pytest.raises(checkpoints.RunMismatchError,
-                     match=r'checkpoints/20 is a checkpoint of lvvit_t \(img_size 64, 10 classes, '
-                           r'dim 240, depth 1\) but the config describes lvvit_s \(img_size 64, '
-                           r'10 classes, dim 384, depth 1\)'):
+                     match=rf'checkpoints/{STEPS} is a checkpoint of lvvit_t \(img_size 64, '
+                           r'10 classes, dim 240, depth 1\) but the config describes lvvit_s '
+                           r'\(img_size 64, 10 classes, dim 384, depth 1\)'):
     train.train_and_evaluate(config, one_process_run)
   with pytest.raises(checkpoints.RunMismatchError,
                      match=r"another data order: \(checkpoint, config\) = \{'num_streams': "

@@ -346,7 +346,7 @@ def no_compile(monkeypatch):
 @pytest.mark.parametrize('overrides,error,message', [
     ({'batch_size': 6}, ValueError, r'config.batch_size=6 is not divisible by the 4 devices'),
     ({'data.num_streams': 3}, ValueError,
-     r'config.batch_size=16 is not divisible by config.data.num_streams=3'),
+     r'config.batch_size=8 is not divisible by config.data.num_streams=3'),
     ({'data.source': '/does/not/exist'}, ValueError, r'/does/not/exist/dataset_info.json does '
      r'not exist'),
     ({'data.source': 'tfds:imagenet2012'}, ValueError, r"TFDS dataset 'imagenet2012'"),

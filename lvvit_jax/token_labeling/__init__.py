@@ -1,5 +1,7 @@
 """Token labeling (SPEC sections 2-5) as pure JAX functions that run inside the jitted step.
 
+`training_loss` (objective.py) joins them: targets from the batch, MixToken, forward, loss.
+
 No TensorFlow and no host work here: the input pipeline hands over the untouched top-k score map
 and one affine per example; targets, MixToken and the loss are built on the accelerator.
 """
@@ -17,3 +19,6 @@ from lvvit_jax.token_labeling.targets import label_targets
 from lvvit_jax.token_labeling.targets import pool_topk_logits
 from lvvit_jax.token_labeling.targets import smooth_targets
 from lvvit_jax.token_labeling.targets import token_targets
+from lvvit_jax.token_labeling.objective import ObjectiveConfig
+from lvvit_jax.token_labeling.objective import batch_targets
+from lvvit_jax.token_labeling.objective import training_loss

@@ -127,7 +127,7 @@ def _assert_same(a, b, rounding=False):
   """Bitwise, or (rounding=True: sums taken in another order) the same to float rounding.
 
   Rounding: every tensor within 1e-3 of its norm, all of them together within 1e-5. Adam turns
-  rounding in a near-zero gradient into a full-size update of that element, so after 20 steps
+  rounding in a near-zero gradient into a full-size update of that element, so after a run
   the tiny BatchNorm biases differ by ~3e-4 of their norm and everything else by < 4e-5 (seen
   here); a wrong batch or a wrong update moves the tensors by 1e-2 of their norm or more.
   """

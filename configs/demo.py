@@ -5,7 +5,7 @@
         --data-dir workdir/demo/data --out workdir/demo/score_maps --size 64
     python main.py --config configs/demo.py:stage=student --workdir workdir/demo/student
     python main.py --config configs/demo.py:stage=baseline --workdir workdir/demo/baseline
-    python main.py --config configs/demo.py:stage=student,runlocal --workdir /tmp/smoke
+    python main.py --config configs/demo.py:stage=student,runlocal --workdir workdir/smoke
 
 scikit-learn's 1,797 handwritten digits, each pasted at a random position and scale on a 64x64
 canvas (`lvvit_jax/data/digits.py`), are written once into an ImageFolder of PNGs and shards

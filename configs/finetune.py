@@ -2,7 +2,7 @@
 
     python main.py --config configs/finetune.py:variant=s,size=384 --workdir W \\
         --config.init_from=CKPT_224 --config.data.score_maps_dir=labels/nfnet_f6
-    python main.py --config configs/finetune.py:variant=s,runlocal --workdir /tmp/smoke
+    python main.py --config configs/finetune.py:variant=s,runlocal --workdir workdir/smoke
 
 The position embedding of the 224 checkpoint is resampled to the new grid (bicubic), the
 token-label grid follows the image (size / 16: 24 at 384, 28 at 448), and training runs at a

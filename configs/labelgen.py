@@ -2,7 +2,7 @@
 
     python main.py --config configs/labelgen.py --workdir W --config.teacher=CKPT \\
         --config.out=DIR [--config.size=384 --config.crop=centre --config.data.source=...]
-    python main.py --config configs/labelgen.py:runlocal --workdir /tmp/labelgen \\
+    python main.py --config configs/labelgen.py:runlocal --workdir workdir/labelgen \\
         --config.teacher=workdir/demo                      # the demo's model on the digits
 
 The same run as `python -m labelgen generate --teacher CKPT --source ... --out DIR` (what is

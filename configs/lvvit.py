@@ -2,7 +2,7 @@
 
     python main.py --config configs/lvvit.py:variant=s --workdir W \\
         --config.data.score_maps_dir=labels/nfnet_f6 --config.data.data_dir=~/tensorflow_datasets
-    python main.py --config configs/lvvit.py:variant=s,runlocal --workdir /tmp/smoke   # CPU smoke run
+    python main.py --config configs/lvvit.py:variant=s,runlocal --workdir workdir/smoke   # CPU smoke run
 
 Variants differ in drop path (T/S 0.1, M 0.2, L 0.3), peak lr at batch 1024 (1.6e-3; L 1e-3)
 and RandAugment ops (L: three). L trains at 288 in the paper (`--config.img_size=288`).

@@ -3,7 +3,7 @@
     python main.py --config configs/transfer.py:variant=s --workdir W \\
         --config.init_from=CKPT --config.data.source=tfds:oxford_flowers102 \\
         --config.num_classes=102 --config.data.data_dir=~/tensorflow_datasets
-    python main.py --config configs/transfer.py:variant=s,runlocal --workdir /tmp/smoke
+    python main.py --config configs/transfer.py:variant=s,runlocal --workdir workdir/smoke
 
 Both heads are dropped and freshly initialised when the class count differs; everything else
 comes from `init_from` (required). Without score maps for the new dataset the token term is

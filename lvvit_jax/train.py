@@ -492,7 +492,6 @@ def make_predict(model, var_shardings: Mapping[str, Any], mesh: jax.sharding.Mes
 
   uint8 images (the eval pipeline's) are normalised on the device with the ImageNet mean/std.
   """
-
   def predict(variables, images):
     if images.dtype == jnp.uint8:
       images = device_augment.normalize(images, dtype=getattr(model, 'dtype', jnp.float32))

@@ -16,13 +16,14 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# lvvit_jax's default (its __init__), here too in case a test module imports TensorFlow first:
-# the host's resize rounds differently with and without oneDNN, and the bitwise-resume tests
-# compare a run in this process with runs of main.py.
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import pytest  # noqa: E402
+
+# Before any test module imports TensorFlow: lvvit_jax sets its TF CPU-kernel default (oneDNN
+# off), as main.py runs get it; the host's resize rounds differently with and without oneDNN,
+# and the bitwise-resume tests compare a run in this process with runs of main.py.
+import lvvit_jax  # noqa: E402,F401
 
 
 @pytest.fixture(scope='session')

@@ -13,17 +13,25 @@ sensitive than wall time to other load on the machine):
 - `train host path`: `pipeline.make_train_iterator` with score maps: read and pair the shards,
   fused decode + random-resized crop, PIL-exact resize to uint8, the crop's `label_affine`,
   `aug_seed`, shuffled and batched: everything the host does for training; again with
-  `AugmentConfig(antialias=False)` (TensorFlow's plain kernels: faster, aliased when shrinking);
+  `AugmentConfig(resize='area')` (antialiased box filter where the crop shrinks, not PIL-exact)
+  and `resize='plain'` (TensorFlow's plain kernels: aliased when shrinking);
 - `PIL reference`: `benchmarks/pil_augment.py`, the full augmentation (decode, random-resized
   crop, resize, flip, RandAugment m9-mstd0.5 x2, to float, normalisation, erasing) with PIL +
   NumPy as the original PyTorch loader runs it in each worker (file read included);
 - `decode only`: the same shards read and decoded whole (tf.io.decode_jpeg), nothing else: the
   ceiling of any train path that decodes every image;
+- `bare`: read, fused decode + crop, `area_resize`, batch, without score maps, shuffling or the
+  position bookkeeping of resume and corrupt-image checks: the floor of a tf.data train path;
 - `eval`: `pipeline.make_eval_iterator` (decode, PIL-exact bicubic resize of the centre crop).
 tf.data runs with one thread (a private thread pool of 1, every stage sequential; prefetching
 and the consumer still take a little of another core), then with all cores (AUTOTUNE). The
 first batch (tracing, filling the shuffle buffer) is not timed; each figure is the best of
-`--repeats` runs of `--timed` images.
+`--repeats` runs of `--timed` images. The budget line says how much host time per image the 2x
+target leaves besides decoding (decode-only row), which no train path can avoid.
+
+Resize quality: PSNR of each resize mode against PIL's Lanczos resize of the same crops (the
+benchmark's photos, the train crop boxes, those that shrink), the figure behind the choice of
+`AugmentConfig.resize`.
 
 Device rows: `lvvit_jax.augment.augment_batch` (flip, RandAugment, normalisation, erasing, the
 affine) jitted at `--device-batch` x 224, against the trainer's real update step
@@ -45,6 +53,7 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import lvvit_jax  # noqa: F401  (before TensorFlow: its CPU-kernel default, as in training)
 import numpy as np
 from PIL import Image
 import tensorflow as tf
@@ -52,6 +61,7 @@ import tensorflow as tf
 from benchmarks import pil_augment
 from lvvit_jax.data import augment
 from lvvit_jax.data import pipeline
+from lvvit_jax.data import resize as resize_lib
 from lvvit_jax.data import score_maps
 from lvvit_jax.data import sources
 
@@ -116,19 +126,38 @@ def time_batches(batches, num_images: int, batch: int, repeats: int):
   return best
 
 
-def decode_only(source: sources.ImageSource, cfg: pipeline.PipelineConfig) -> tf.data.Dataset:
-  """The shards read, parsed and decoded whole; a corner pixel of each is batched, so that
-  nothing but reading and decoding is timed."""
-  def decode(record):
-    return tf.io.decode_jpeg(source.parse(record, '', 0)['encoded'], channels=3)[0, 0]
-
-  ds = tf.data.TFRecordDataset([s.path for s in source.shards]).repeat()
-  ds = ds.map(decode, num_parallel_calls=None if cfg.num_parallel_calls == 1 else -1)
+def _map_records(source: sources.ImageSource, cfg: pipeline.PipelineConfig,
+                 fn) -> tf.data.Dataset:
+  """The shards' records, repeated and numbered, `fn(index, record)` mapped, batched, with the
+  pipeline's threading."""
+  ds = tf.data.TFRecordDataset([s.path for s in source.shards]).repeat().enumerate()
+  ds = ds.map(fn, num_parallel_calls=None if cfg.num_parallel_calls == 1 else -1)
   ds = ds.batch(cfg.batch_size).prefetch(cfg.prefetch)
   options = tf.data.Options()
   options.threading.private_threadpool_size = cfg.threadpool_size
   options.threading.max_intra_op_parallelism = 1
   return ds.with_options(options)
+
+
+def decode_only(source: sources.ImageSource, cfg: pipeline.PipelineConfig) -> tf.data.Dataset:
+  """The shards read, parsed and decoded whole; a corner pixel of each is batched, so that
+  nothing but reading and decoding is timed."""
+  def decode(_, record):
+    return tf.io.decode_jpeg(source.parse(record, '', 0)['encoded'], channels=3)[0, 0]
+  return _map_records(source, cfg, decode)
+
+
+def bare_train(source: sources.ImageSource, cfg: pipeline.PipelineConfig) -> tf.data.Dataset:
+  """The least a train path does: the shards read and parsed, fused decode + random-resized
+  crop, `area_resize`, batched; no score maps, shuffling or position bookkeeping (resume,
+  corrupt-image checks). Its rate bounds what tf.data can reach here with a fast resize."""
+  size = (cfg.image_size, cfg.image_size)
+
+  def prepare(index, record):
+    crop = augment.decode_and_random_crop(source.parse(record, '', 0)['encoded'],
+                                          tf.stack([index, index]))[0]
+    return resize_lib.area_resize(crop, size)
+  return _map_records(source, cfg, prepare)
 
 
 def time_pil(files, num_images: int, image_size: int, repeats: int):
@@ -174,17 +203,40 @@ def host_rows(args, cores: int):
                                 num_parallel_calls=threads if threads == 1 else -1)
       rows['train', threads] = timed(pipeline.make_train_iterator(cfg))
       if threads == 1:
-        plain = augment.AugmentConfig(image_size=args.image_size, antialias=False)
-        rows['plain', 1] = timed(pipeline.make_train_iterator(
-            dataclasses.replace(cfg, augment=plain)))
+        for mode in ('area', 'plain'):
+          aug = augment.AugmentConfig(image_size=args.image_size, resize=mode)
+          rows[mode, 1] = timed(pipeline.make_train_iterator(
+              dataclasses.replace(cfg, augment=aug)))
         rows['pil', 1] = time_pil(files, args.timed, args.image_size, args.repeats)
         rows['decode', 1] = timed(decode_only(source, cfg))
+        rows['bare', 1] = timed(bare_train(source, cfg))
       ev = pipeline.make_eval_iterator(dataclasses.replace(cfg, score_maps_dir=None))
       rows['eval', threads] = timed(_cycle(ev))
     kb = float(np.mean([len(e) for e in encoded])) / 1024
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return rows, kb
+  return rows, kb, resize_quality(encoded[:args.quality_images], args.image_size)
+
+
+def resize_quality(encoded, image_size: int):
+  """{mode name: mean PSNR (dB) against PIL's Lanczos} over the train crops that shrink."""
+  size = (image_size, image_size)
+  modes = {
+      'pil bilinear': lambda c: resize_lib.resize_uint8(c, size, 'bilinear'),
+      'pil bicubic': lambda c: resize_lib.resize_uint8(c, size, 'bicubic'),
+      'area': lambda c: resize_lib.area_resize(c, size),
+      'plain bilinear': lambda c: resize_lib.resize_uint8(c, size, 'bilinear', antialias=False),
+      'plain bicubic': lambda c: resize_lib.resize_uint8(c, size, 'bicubic', antialias=False)}
+  psnr = {name: [] for name in modes}
+  for i, data in enumerate(encoded):
+    crop = augment.decode_and_random_crop(tf.constant(data), tf.constant([i, 0], tf.int64))[0]
+    if min(crop.shape[:2]) <= image_size:
+      continue
+    ref = np.asarray(Image.fromarray(crop.numpy()).resize(size, Image.LANCZOS), np.float64)
+    for name, fn in modes.items():
+      mse = np.mean((fn(crop).numpy() - ref) ** 2)
+      psnr[name].append(10 * np.log10(255**2 / mse))
+  return {name: (float(np.mean(v)), len(v)) for name, v in psnr.items()}
 
 
 def device_rows(args):
@@ -248,6 +300,7 @@ def main():
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--batch', type=int, default=32, help='host batch')
   p.add_argument('--repeats', type=int, default=3, help='timed runs; the best is reported')
+  p.add_argument('--quality-images', type=int, default=64, help='images of the PSNR figures')
   p.add_argument('--model', default='lvvit_s', help='the model whose train step is the yardstick')
   p.add_argument('--device-batch', type=int, default=128, help='batch of the device rows')
   p.add_argument('--step-batch', type=int, default=8,
@@ -257,7 +310,7 @@ def main():
   args = p.parse_args()
 
   cores = os.cpu_count() or 1
-  rows, kb = host_rows(args, cores)
+  rows, kb, quality = host_rows(args, cores)
   t_aug, t_step, device, model = device_rows(args)
 
   ratio = lambda a, b: rows[a][1] / rows[b][1]  # noqa: E731  per CPU-second
@@ -268,17 +321,29 @@ def main():
       f'{"host (tf.data unless PIL)":44s} {"threads":>7s} {"images/s":>9s} '
       f'{"images/CPU-s (per core)":>24s}']
   names = {'train': 'train host path + score maps', 'pil': 'train, PIL reference (full aug.)',
-           'plain': '  the same, antialias=False (aliases)',
-           'decode': 'decode only, same files (ceiling)', 'eval': 'eval (resize, centre crop)'}
-  order = ('train', 'plain', 'pil', 'decode', 'eval')
+           'area': "  the same, resize='area' (not PIL-exact)",
+           'plain': "  the same, resize='plain' (aliases)",
+           'decode': 'decode only, same files (ceiling)', 'eval': 'eval (resize, centre crop)',
+           'bare': 'bare: decode + crop + area resize, no maps'}
+  order = ('train', 'area', 'plain', 'pil', 'decode', 'bare', 'eval')
   for (name, threads), (wall, cpu) in sorted(rows.items(),
                                              key=lambda r: (r[0][1], order.index(r[0][0]))):
     lines.append(f'{names[name]:44s} {threads:7d} {wall:9.1f} {cpu:24.1f}')
+  ms = lambda name: 1e3 / rows[name, 1][1]  # noqa: E731  CPU-ms per image, one thread
   lines += [
       f'train host path / PIL reference, per CPU-second, one thread: '
-      f'{ratio(("train", 1), ("pil", 1)):.2f}x (target >= 2x)',
+      f'{ratio(("train", 1), ("pil", 1)):.2f}x (target >= 2x); resize=\'area\': '
+      f'{ratio(("area", 1), ("pil", 1)):.2f}x; resize=\'plain\': '
+      f'{ratio(("plain", 1), ("pil", 1)):.2f}x',
       f'train host path / decode only, per CPU-second, one thread: '
       f'{ratio(("train", 1), ("decode", 1)):.2f}',
+      f'budget: PIL reference {ms("pil"):.2f} CPU-ms per image, decode only {ms("decode"):.2f}; '
+      f'2x leaves {ms("pil") / 2 - ms("decode"):.2f} ms per image besides decoding, the train '
+      f'path spends {ms("train") - ms("decode"):.2f} (area {ms("area") - ms("decode"):.2f}, '
+      f'plain {ms("plain") - ms("decode"):.2f}, bare {ms("bare") - ms("decode"):.2f})',
+      'resize quality, PSNR against PIL\'s Lanczos over the shrinking train crops of the first '
+      f'{args.quality_images} images (n={next(iter(quality.values()))[1]}): ' + ', '.join(
+          f'{name} {db:.1f} dB' for name, (db, _) in quality.items()),
       f'device: {device} | {model} @{args.image_size}',
       f'augment_batch (flip, RandAugment, normalise, erase), batch {args.device_batch}: '
       f'{t_aug * 1e3:.0f} ms',

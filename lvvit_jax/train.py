@@ -110,7 +110,8 @@ def pipeline_config(config: ml_collections.ConfigDict, workdir: str, *, source: 
   from lvvit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   # The host's part of config.aug (crop and resize); the rest: `device_augment_config`.
   aug = host_augment.AugmentConfig(image_size=config.img_size, scale=tuple(config.aug.scale),
-                                   ratio=tuple(config.aug.ratio))
+                                   ratio=tuple(config.aug.ratio),
+                                   resize=config.aug.resize)
   d = config.data
   return pipeline.PipelineConfig(
       source=source, split=split, data_dir=data_dir(config, workdir, source),

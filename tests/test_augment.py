@@ -110,6 +110,51 @@ def test_resize_is_antialiased_and_beats_tf_parity():
     resize.resize_uint8(tf.constant(img), (8, 8), 'area', box=tf.constant([0.0, 0, 8, 8]))
 
 
+@pytest.mark.parametrize('method', sorted(PIL_METHODS))
+def test_area_resize_shrinks_with_area_and_grows_with_the_method(method):
+  img = _smooth_rgb(150, 120, seed=4)
+  img[:, 60:] = np.random.default_rng(4).integers(0, 256, (150, 60, 3))
+  as_uint8 = lambda x: tf.dtypes.saturate_cast(x + 0.5, tf.uint8).numpy()  # noqa: E731
+  x = tf.constant(img, tf.float32)
+  cases = {(64, 48): tf.image.resize(x, (64, 48), 'area'),                  # both shrink
+           (200, 160): tf.image.resize(x, (200, 160), method),               # both grow
+           (100, 160): tf.image.resize(tf.image.resize(x, (100, 120), 'area'),  # one of each
+                                       (100, 160), method),
+           (150, 120): x}                                                    # same size
+  for size, want in cases.items():
+    out = resize.area_resize(tf.constant(img), size, method)
+    assert out.dtype == tf.uint8 and out.shape == size + (3,)
+    np.testing.assert_array_equal(out.numpy(), as_uint8(want), err_msg=str(size))
+  # Antialiased, as a box: one-pixel stripes shrunk 2x average to grey; shrunk 3x, a third of
+  # their contrast is left (PIL's kernel leaves less), where plain resampling keeps all of it.
+  stripes = np.zeros((240, 240, 3), np.uint8)
+  stripes[:, ::2] = 255
+  half = resize.area_resize(tf.constant(stripes), (120, 120), method).numpy()
+  assert np.abs(half.astype(np.int32) - 128).max() <= 1
+  third = resize.area_resize(tf.constant(stripes), (80, 80), method).numpy()
+  plain = resize.resize_uint8(tf.constant(stripes), (80, 80), method, antialias=False).numpy()
+  assert abs(third.mean() - 127.5) < 2 and third.std() < 43 < 100 < plain.std()
+  # Close to PIL's filter on a natural image (not equal: a box instead of PIL's kernel).
+  ref = np.asarray(Image.fromarray(img).resize((48, 64), PIL_METHODS[method]), np.float32)
+  out = resize.area_resize(tf.constant(img), (64, 48), method).numpy().astype(np.float32)
+  assert np.abs(out - ref).mean() < 8
+
+
+def test_train_resize_modes(files):
+  """resize='area' and 'plain' change only the pixels: same crop, label geometry and seed."""
+  encoded = [files['rgb.jpg']] * 6
+  outs = {mode: _run_dataset(encoded, augment.AugmentConfig(image_size=64, resize=mode))
+          for mode in augment.RESIZE_MODES}
+  for a, b, c in zip(outs['pil'], outs['area'], outs['plain']):
+    for k in ('label_affine', 'aug_seed'):
+      np.testing.assert_array_equal(a[k], b[k])
+      np.testing.assert_array_equal(a[k], c[k])
+    diff = np.abs(a['image'].astype(np.int32) - b['image'])
+    assert 0 < diff.mean() < 6, diff.mean()
+  with pytest.raises(ValueError, match='aug.resize'):
+    augment.AugmentConfig(resize='lanczos')
+
+
 # ---------------------------------------------------------------------------------------------
 # Train: crop and resize.
 

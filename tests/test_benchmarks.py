@@ -59,8 +59,13 @@ def test_input_pipeline_benchmark_prints_the_ratios_and_the_device_share():
   assert {(r[0].split(' ')[0], r[1]) for r in rows} >= {('train', '1'), ('decode', '1'),
                                                           ('eval', '1')}, out
   assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), out
-  assert re.search(r'^train host path / PIL reference, per CPU-second, one thread: [0-9.]+x',
+  assert re.search(r"^train host path / PIL reference, per CPU-second, one thread: [0-9.]+x "
+                   r"\(target >= 2x\); resize='area': [0-9.]+x; resize='plain': [0-9.]+x$",
                    out, re.M), out
+  assert re.search(r'^budget: PIL reference [0-9.]+ CPU-ms per image', out, re.M), out
+  psnr = re.search(r'^resize quality, .*\(n=([0-9]+)\): pil bilinear ([0-9.]+) dB, pil bicubic '
+                   r'([0-9.]+) dB, area ([0-9.]+) dB, plain bilinear', out, re.M)
+  assert psnr and int(psnr[1]) > 0 and all(20 < float(db) < 80 for db in psnr.groups()[1:]), out
   assert re.search(r'^device augmentation = [0-9.]+% of the lvvit_t training step at batch 8',
                    out, re.M), out
 

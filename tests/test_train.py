@@ -355,6 +355,8 @@ def no_compile(monkeypatch):
     ({'init_from': '/no/checkpoint'}, FileNotFoundError, r'/no/checkpoint does not exist'),
     ({'model': 'lvvit_x'}, ValueError, r"config.model='lvvit_x' is not a model"),
     ({'mesh.fsdp': 3}, ValueError, r'config.mesh.fsdp=3 must be >= 1 and divide the 4 devices'),
+    ({'aug.resize': 'lanczos'}, ValueError,
+     r"resize='lanczos'; use one of \('pil', 'area', 'plain'\) \(config: aug.resize\)"),
 ])
 def test_bad_settings_fail_at_start_up(overrides, error, message, digits_data, tmp_path,
                                        no_compile):

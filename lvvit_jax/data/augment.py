@@ -12,7 +12,8 @@ does what needs the encoded file and variable shapes, and emits static-shape uin
    `decode_and_crop_jpeg`; other formats (PNG, GIF, BMP) are decoded whole, then cropped.
    Grayscale and RGBA inputs are converted to RGB (alpha dropped, as PIL's `convert('RGB')`);
 2. resize to the train size, bilinear or bicubic at random, as PIL's antialiased resize
-   (`resize.py`), to uint8;
+   (`resize.py`), to uint8; `AugmentConfig(resize='area')` trades PIL's exact filter for a
+   ~4x faster antialiased one (the area filter where the crop shrinks);
 3. `aug_seed`, a (2,) uint32 seed for the rest, drawn from the example's seed.
 The accelerator (`lvvit_jax.augment.augment_batch`, inside the jitted train step) then flips,
 applies RandAugment `rand-m9-mstd0.5-inc1`, normalises and erases, from `aug_seed`, and
@@ -55,6 +56,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_METHODS = ('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3', 'lanczos5',
                   'gaussian', 'mitchellcubic')
 CROP_TRIES = 10
+# AugmentConfig.resize: how the crop is resized (see its docstring).
+RESIZE_MODES = ('pil', 'area', 'plain')
 
 # Sub-seed tags: fold_in(seed, tag) gives each random step its own stream. (2, 3 and 4 were
 # the host flip, RandAugment and erasing; the device draws those from `aug_seed` now.)
@@ -74,14 +77,17 @@ class AugmentConfig:
     ratio: random-resized-crop aspect-ratio (width / height) range, sampled log-uniformly.
     interpolations: resize methods drawn uniformly per example (tf.image.resize names;
       bilinear and bicubic are PIL's antialiased filters).
-    antialias: antialiased downscaling, as PIL (the default). False is a speed knob: plain
-      TensorFlow kernels, with aliasing when a crop shrinks a lot.
+    resize: 'pil' (the default, the recipe): PIL's antialiased resize with the drawn
+      interpolation, to one grey level. 'area': the area filter (antialiased box average)
+      along the axes where the crop shrinks and the drawn interpolation where it grows, about
+      4x faster than 'pil' and not PIL-exact (`resize.area_resize`). 'plain': TensorFlow's
+      kernels without antialiasing (aliases when a crop shrinks a lot).
   """
   image_size: int = 224
   scale: Tuple[float, float] = (0.08, 1.0)
   ratio: Tuple[float, float] = (3 / 4, 4 / 3)
   interpolations: Tuple[str, ...] = ('bilinear', 'bicubic')
-  antialias: bool = True
+  resize: str = 'pil'
 
   def __post_init__(self):
     where = f'AugmentConfig ({_FILE})'
@@ -95,6 +101,9 @@ class AugmentConfig:
     if bad or not self.interpolations:
       raise ValueError(f'{where}: interpolations={self.interpolations}; '
                        f'use a non-empty tuple of {RESIZE_METHODS}.')
+    if self.resize not in RESIZE_MODES:
+      raise ValueError(f'{where}: resize={self.resize!r}; use one of {RESIZE_MODES} (config: '
+                       'aug.resize).')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,17 +241,24 @@ def resize(image: tf.Tensor, size: Sequence[int], method: str = 'bilinear',
 @_no_autograph
 def random_resize(image: tf.Tensor, size: int, seed: tf.Tensor,
                   methods: Sequence[str] = ('bilinear', 'bicubic'),
-                  antialias: bool = True) -> tf.Tensor:
-  """Resizes to uint8 (size, size) with a method drawn uniformly from `methods`."""
+                  mode: str = 'pil') -> tf.Tensor:
+  """Resizes to uint8 (size, size) with a method drawn uniformly from `methods`.
+
+  `mode` is `AugmentConfig.resize` ('pil', 'area' or 'plain').
+  """
   methods = tuple(methods)
   shape = (size, size)
+
+  def resize_with(method):
+    if mode == 'area':
+      return resize_lib.area_resize(image, shape, method)
+    return resize_lib.resize_uint8(image, shape, method, antialias=mode == 'pil')
+
   if len(methods) == 1:
-    out = resize_lib.resize_uint8(image, shape, methods[0], antialias)
+    out = resize_with(methods[0])
   else:
     index = tf.random.stateless_uniform((), seed, 0, len(methods), dtype=tf.int32)
-    out = tf.switch_case(
-        index, [lambda m=m: resize_lib.resize_uint8(image, shape, m, antialias)
-                for m in methods])
+    out = tf.switch_case(index, [lambda m=m: resize_with(m) for m in methods])
   out.set_shape((size, size, 3))
   return out
 
@@ -297,7 +313,7 @@ def train_preprocess(encoded: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig = A
   crop, box, image_hw = decode_and_random_crop(
       encoded, _sub_seed(seed, _SEED_CROP), cfg.scale, cfg.ratio)
   image = random_resize(crop, size, _sub_seed(seed, _SEED_INTERP), cfg.interpolations,
-                        cfg.antialias)
+                        cfg.resize)
   affine = crop_affine(box, image_hw)
   out = {'image': tf.ensure_shape(image, (size, size, 3)),
          'label_affine': tf.ensure_shape(affine[:2], (2, 3)), 'aug_seed': device_seed(seed)}

@@ -18,6 +18,16 @@ ones. The horizontal pass runs on the transposed image.
 Geometry: `box` = (y, x, h, w) in input pixels, fractional allowed, is the input window mapped
 onto the output; output pixel i along an axis samples the input at y + (i + 0.5) * h / size
 (half-pixel centres), as PIL's `box`. Without a box the whole image is resized.
+
+`area_resize` is the fast alternative for training crops (`AugmentConfig(resize='area')`):
+TensorFlow's area filter (the average over each output pixel's footprint: antialiased, one
+kernel) along the axes that shrink, then the drawn filter along those that grow, where no
+antialiasing is needed and TensorFlow's kernels are PIL's filters up to the border pixels. It
+is about 4x faster than `pil_resize` on a 224 px crop of a 500x375 photo. Being a box, it
+attenuates detail near the input's pixel pitch less than PIL's kernels (one-pixel stripes
+shrunk 3x keep a third of their contrast, a ninth with PIL's bilinear); on photos it measures
+closer to a Lanczos reference than PIL's bilinear and further than PIL's bicubic
+(`benchmarks.input_pipeline` prints the figures).
 """
 from __future__ import annotations
 
@@ -106,6 +116,22 @@ def pil_resize(image: tf.Tensor, size: Sequence[int], method: str = 'bilinear',
   rows = tf.reshape(tf.transpose(tf.reshape(half, [out_w, h, c]), [1, 0, 2]), [h, out_w * c])
   out = _to_uint8(resample_rows(rows, out_h, box[0], box[2], method))
   return tf.reshape(out, [out_h, out_w, c])
+
+
+def area_resize(image: tf.Tensor, size: Sequence[int], method: str = 'bilinear') -> tf.Tensor:
+  """uint8 (H, W, C) -> uint8 `size`: area filter where an axis shrinks, `method` where it grows.
+
+  Output pixel centres sample the input at the same normalised coordinates as `pil_resize`.
+  """
+  size = (int(size[0]), int(size[1]))
+  hw = tf.shape(image)[:2]
+  mid = tf.minimum(hw, size)
+  x = tf.cast(image, tf.float32)
+  x = tf.cond(tf.reduce_any(mid < hw), lambda: tf.image.resize(x, mid, 'area'), lambda: x)
+  x = tf.cond(tf.reduce_any(mid < size), lambda: tf.image.resize(x, size, method), lambda: x)
+  out = _to_uint8(x)
+  out.set_shape(size + (image.shape[-1],))
+  return out
 
 
 def resize_uint8(image: tf.Tensor, size: Sequence[int], method: str = 'bilinear',

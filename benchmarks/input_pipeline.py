@@ -60,6 +60,7 @@ import tensorflow as tf
 
 from benchmarks import pil_augment
 from lvvit_jax.data import augment
+from lvvit_jax.data import pairs
 from lvvit_jax.data import pipeline
 from lvvit_jax.data import resize as resize_lib
 from lvvit_jax.data import score_maps
@@ -131,12 +132,9 @@ def _map_records(source: sources.ImageSource, cfg: pipeline.PipelineConfig,
   """The shards' records, repeated and numbered, `fn(index, record)` mapped, batched, with the
   pipeline's threading."""
   ds = tf.data.TFRecordDataset([s.path for s in source.shards]).repeat().enumerate()
-  ds = ds.map(fn, num_parallel_calls=None if cfg.num_parallel_calls == 1 else -1)
+  ds = ds.map(fn, num_parallel_calls=pairs.parallel_calls(cfg.num_parallel_calls))
   ds = ds.batch(cfg.batch_size).prefetch(cfg.prefetch)
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = cfg.threadpool_size
-  options.threading.max_intra_op_parallelism = 1
-  return ds.with_options(options)
+  return ds.with_options(pipeline.dataset_options(cfg))
 
 
 def decode_only(source: sources.ImageSource, cfg: pipeline.PipelineConfig) -> tf.data.Dataset:

@@ -139,7 +139,8 @@ def _fold(seed: Sequence[int] | tf.Tensor, *data) -> tf.Tensor:
   return seed
 
 
-def _options(cfg: PipelineConfig) -> tf.data.Options:
+def dataset_options(cfg: PipelineConfig) -> tf.data.Options:
+  """The pipeline's tf.data options: deterministic, one thread per op, cfg's thread pool."""
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1
@@ -220,7 +221,7 @@ def train_dataset(cfg: PipelineConfig, start_epoch: int = 0, start_index: int = 
   ds = ds.map(select)
   ds = ds.batch(cfg.batch_size, drop_remainder=True)
   ds = ds.prefetch(cfg.prefetch)
-  return ds.with_options(_options(cfg))
+  return ds.with_options(dataset_options(cfg))
 
 
 class TrainIterator(corrupt.CorruptReport):
@@ -341,7 +342,7 @@ def eval_dataset(cfg: PipelineConfig, corrupt_log: Optional[corrupt.CorruptLog] 
   # examples that could not be decoded.
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * cfg.batch_size).batch(cfg.batch_size).prefetch(cfg.prefetch)
-  return ds.with_options(_options(cfg)), num_batches, mine
+  return ds.with_options(dataset_options(cfg)), num_batches, mine
 
 
 class EvalIterator(corrupt.CorruptReport):

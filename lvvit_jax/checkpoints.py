@@ -216,8 +216,8 @@ def check_run(stored: Mapping[str, Any], current: Mapping[str, Any], where: str)
   """Refuses to resume a checkpoint of another model or data order; logs a mesh change."""
   def describe(run):
     cfg = run['model_config']
-    return (f"{run['model']} (img_size {cfg['img_size']}, {cfg['num_classes']} classes, "
-            f"dim {cfg['dim']}, depth {cfg['depth']})")
+    shape = ''.join(f', {k} {cfg[k]}' for k in ('dim', 'depth', 'width', 'depths') if k in cfg)
+    return f"{run['model']} (img_size {cfg['img_size']}, {cfg['num_classes']} classes{shape})"
 
   if stored['model'] != current['model'] or stored['model_config'] != current['model_config']:
     diff = sorted(k for k in set(stored['model_config']) | set(current['model_config'])

@@ -398,7 +398,8 @@ def load_init(config: ml_collections.ConfigDict, model, abstract: TrainState, *,
                                       setting=f'config.init_from={config.init_from}')
   target = {'params': abstract.params, 'batch_stats': abstract.batch_stats}
   return convert.adapt_variables(variables, target, model.config.grid,
-                                 source=f'config.init_from={config.init_from}')
+                                 source=f'config.init_from={config.init_from}',
+                                 head_names=model.config.head_names)
 
 
 def apply_init(state: TrainState, variables: Mapping[str, Any], shardings: TrainState
@@ -685,7 +686,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   checkpoints.check_same_architecture(described, config.model, model.config,
                                       setting=f'config.init_from={path}')
   variables, dropped = convert.adapt_variables(variables, abstract, model.config.grid,
-                                               source=path)
+                                               source=path, head_names=model.config.head_names)
   if dropped:
     raise ValueError(f'{_FILE}: {path} has heads for another class count than '
                      f'config.num_classes={config.num_classes}; set the class count it was '

@@ -1,4 +1,25 @@
-"""Model zoo: `create_model(name, **overrides)` for the LV-ViT family and the ViT baseline."""
+"""Model zoo: `create_model(name, **overrides)`; one face for every model.
+
+Every family is one file of this package (`lvvit.py`, `nfnet.py`, ...) exporting
+  `CONFIGS`        {name: config dataclass instance},
+  `Model`          the Flax module class, built as `Model(config, dtype=...)`,
+  `PUBLISHED_TOP1` {(name, img_size): published ImageNet-1k top-1};
+adding a model is adding such a file and its line in `_FAMILIES` below.
+
+The contract that labelgen, the trainer and evaluation rely on (nothing outside `models/`
+reaches into a module):
+  `model.apply(v, images)`                            eval logits (B, K) float32;
+  `model.apply(v, images, method='dense_logits')`     (B, h, w, K) float32, the dense annotation
+                                                      a teacher writes as a score map;
+  `model.apply(v, images, train=True, mix_box=box, rngs={'dropout': k}, mutable=['batch_stats'])`
+                                                      ((cls (B, K), aux (B, N, K) or None), updates);
+                                                      `mix_box` must be None for a model without
+                                                      tokens (`config.supports_mixtoken`);
+  `model.config`: a frozen dataclass with `img_size`, `num_classes`, `crop_pct`,
+  `drop_path_rate`, `grid` ((h, w) of `dense_logits` at `img_size`), `head_names` (top-level
+  parameters that depend on num_classes) and `supports_mixtoken`.
+Images are NHWC, normalised with the ImageNet mean and std.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,62 +27,49 @@ from typing import Any, Dict
 
 import jax.numpy as jnp
 
+from lvvit_jax.models import lvvit
 from lvvit_jax.models.lvvit import LVViT
 from lvvit_jax.models.lvvit import LVViTConfig
 
-# SPEC section 1. drop_path_rate is the recipe's (training) value; inference ignores it.
-MODEL_CONFIGS: Dict[str, LVViTConfig] = {
-    'lvvit_t': LVViTConfig(dim=240, depth=12, num_heads=4, mlp_hidden=720, stem_channels=64,
-                           skip_lam=1.0, drop_path_rate=0.1, crop_pct=0.9),
-    'lvvit_s': LVViTConfig(dim=384, depth=16, num_heads=6, mlp_hidden=1152, stem_channels=64,
-                           skip_lam=2.0, drop_path_rate=0.1, crop_pct=0.9),
-    'lvvit_m': LVViTConfig(dim=512, depth=20, num_heads=8, mlp_hidden=1536, stem_channels=64,
-                           skip_lam=2.0, drop_path_rate=0.2, crop_pct=1.0),
-    'lvvit_l': LVViTConfig(dim=768, depth=24, num_heads=12, mlp_hidden=2304, stem_channels=128,
-                           skip_lam=3.0, drop_path_rate=0.3, crop_pct=1.0),
-    # Ablation baseline: S-sized plain ViT (naive 16x16 patchify, unscaled residuals, no aux).
-    'vit_s': LVViTConfig(dim=384, depth=16, num_heads=6, mlp_hidden=1152, skip_lam=1.0,
-                         drop_path_rate=0.1, crop_pct=0.9, conv_stem=False, aux_head=False),
-}
+_FILE = 'lvvit_jax/models/__init__.py'
 
-# Published ImageNet-1k top-1 (SPEC sections 1 and 6), by (name, size); L@288 is the paper's
-# number without a released checkpoint.
-PUBLISHED_TOP1 = {
-    ('lvvit_t', 224): 79.1, ('lvvit_s', 224): 83.3, ('lvvit_s', 384): 84.4,
-    ('lvvit_m', 224): 84.0, ('lvvit_m', 384): 85.4, ('lvvit_m', 448): 85.5,
-    ('lvvit_l', 288): 85.3, ('lvvit_l', 448): 86.2, ('lvvit_l', 512): 86.4,
-}
+# The registry: one line per family file.
+_FAMILIES = (lvvit,)
+
+MODEL_CONFIGS: Dict[str, Any] = {n: c for f in _FAMILIES for n, c in f.CONFIGS.items()}
+PUBLISHED_TOP1 = {k: v for f in _FAMILIES for k, v in f.PUBLISHED_TOP1.items()}
+_MODULES = {n: f.Model for f in _FAMILIES for n in f.CONFIGS}
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
-def get_config(name: str, **overrides: Any) -> LVViTConfig:
-  """The architecture config of `name` with `overrides` applied (any LVViTConfig field)."""
+def get_config(name: str, **overrides: Any) -> Any:
+  """The architecture config of `name` with `overrides` applied (any field of its config)."""
   if name not in MODEL_CONFIGS:
-    raise ValueError(f'lvvit_jax/models/__init__.py: unknown model {name!r}; choose one of '
-                     f'{sorted(MODEL_CONFIGS)}.')
-  fields = {f.name for f in dataclasses.fields(LVViTConfig)}
+    raise ValueError(f'{_FILE}: unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}.')
+  base = MODEL_CONFIGS[name]
+  fields = {f.name for f in dataclasses.fields(base)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f'lvvit_jax/models/__init__.py: unknown override(s) {unknown} for '
-                     f'{name}; valid ones are {sorted(fields)} and dtype.')
-  return dataclasses.replace(MODEL_CONFIGS[name], **overrides)
+    raise ValueError(f'{_FILE}: unknown override(s) {unknown} for {name}; valid ones are '
+                     f'{sorted(fields)} and dtype.')
+  return dataclasses.replace(base, **overrides)
 
 
-def create_model(name: str, *, dtype: Any = jnp.float32, **overrides: Any) -> LVViT:
-  """Returns the Flax module for `name` ('lvvit_t', 'lvvit_s', 'lvvit_m', 'lvvit_l', 'vit_s').
+def create_model(name: str, *, dtype: Any = jnp.float32, **overrides: Any) -> Any:
+  """Returns the Flax module for `name` (any key of MODEL_CONFIGS).
 
-  Overrides: num_classes, img_size, drop_path_rate, patch_size (the stem keeps its 7x7/2 and
-  two 3x3 convs; `proj` gets kernel and stride patch_size / 2), and any other LVViTConfig
-  field. `dtype` is the compute dtype (e.g. jnp.bfloat16 or 'bfloat16'); parameters stay
-  float32.
+  Overrides: num_classes, img_size, drop_path_rate and any other field of the family's config
+  (LV-ViT: patch_size, where the stem keeps its 7x7/2 and two 3x3 convs and `proj` gets
+  kernel and stride patch_size / 2). `dtype` is the compute dtype (e.g. jnp.bfloat16 or
+  'bfloat16'); parameters stay float32.
   """
   if isinstance(dtype, str):
     if dtype not in _DTYPES:
-      raise ValueError(f'lvvit_jax/models/__init__.py: dtype {dtype!r} is not one of '
-                       f'{sorted(_DTYPES)}.')
+      raise ValueError(f'{_FILE}: dtype {dtype!r} is not one of {sorted(_DTYPES)}.')
     dtype = _DTYPES[dtype]
-  return LVViT(get_config(name, **overrides), dtype=dtype)
+  config = get_config(name, **overrides)
+  return _MODULES[name](config, dtype=dtype)
 
 
 __all__ = ['LVViT', 'LVViTConfig', 'MODEL_CONFIGS', 'PUBLISHED_TOP1', 'create_model',

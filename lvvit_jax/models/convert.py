@@ -17,7 +17,7 @@ checkpoint. PyTorch is needed here only (lazily imported), never in the model it
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 
@@ -247,13 +247,13 @@ def checkpoint_overrides(variables: Mapping[str, Any], model_name: str) -> Dict[
 
 
 def adapt_variables(variables: Mapping[str, Any], target: Mapping[str, Any],
-                    grid: Tuple[int, int], *, source: str = 'checkpoint'
-                    ) -> Tuple[Dict[str, Any], list]:
+                    grid: Tuple[int, int], *, source: str = 'checkpoint',
+                    head_names: Sequence[str] = HEAD_KEYS) -> Tuple[Dict[str, Any], list]:
   """Fits restored Flax `variables` to a model whose variables have the shapes of `target`.
 
   A position embedding of another grid is resampled to `grid` (bicubic, cls kept); heads of
-  another class count (`head`, `aux_head`) are left out, for the caller to keep freshly
-  initialised ones. Anything else that differs (a missing or extra variable, another shape)
+  another class count (`head_names`: the model's `config.head_names`, LV-ViT's `head` and
+  `aux_head` by default) are left out, for the caller to keep freshly initialised ones. Anything else that differs (a missing or extra variable, another shape)
   raises `CheckpointMismatchError` listing all of it.
 
   Returns:
@@ -262,7 +262,7 @@ def adapt_variables(variables: Mapping[str, Any], target: Mapping[str, Any],
   """
   have = flax.traverse_util.flatten_dict(dict(variables))
   want = flax.traverse_util.flatten_dict(dict(target))
-  heads_differ = any(k[1] in HEAD_KEYS and k in have and np.shape(have[k]) != np.shape(want[k])
+  heads_differ = any(k[1] in head_names and k in have and np.shape(have[k]) != np.shape(want[k])
                      for k in want if len(k) > 1)
   out, dropped, bad = {}, [], []
   for key, spec in want.items():
@@ -272,7 +272,7 @@ def adapt_variables(variables: Mapping[str, Any], target: Mapping[str, Any],
     if (key[-1] == 'pos_embed' and value.ndim == 3 and value.shape != tuple(spec.shape)
         and value.shape[-1] == spec.shape[-1]):
       value = resample_pos_embed(value, grid)
-    if heads_differ and len(key) > 1 and key[1] in HEAD_KEYS:
+    if heads_differ and len(key) > 1 and key[1] in head_names:
       dropped.append('/'.join(key))
       continue
     if value.shape != tuple(spec.shape):

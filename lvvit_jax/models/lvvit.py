@@ -9,6 +9,8 @@ Calls:
   training:  `model.apply(v, images, train=True, mix_box=box, rngs={'dropout': k},
              mutable=['batch_stats'])` -> `((cls (B, K), aux (B, N, K)), updates)`.
   features:  `model.apply(v, images, method='features')` -> normed tokens (B, 1 + N, D).
+  dense:     `model.apply(v, images, method='dense_logits')` -> (B, gh, gw, K) float32: the aux
+             head on every patch token (a model without one, `vit_s`: the class head).
 """
 from __future__ import annotations
 
@@ -59,6 +61,16 @@ class LVViTConfig:
   def num_tokens(self) -> int:
     gh, gw = self.grid
     return gh * gw
+
+  @property
+  def head_names(self) -> Tuple[str, ...]:
+    """Top-level parameter names whose shapes depend on num_classes (dropped on transfer)."""
+    return ('head', 'aux_head') if self.aux_head else ('head',)
+
+  @property
+  def supports_mixtoken(self) -> bool:
+    """MixToken mixes the patch tokens after the stem: every LV-ViT (and ViT) has them."""
+    return True
 
 
 def token_grid(img_size: int, patch_size: int, conv_stem: bool = True) -> int:
@@ -201,6 +213,14 @@ class LVViT(nn.Module):
     """Normed token features (B, 1 + N, D): cls first, then patch tokens row-major."""
     return self._encode(images, train, mix_box)[0]
 
+  def dense_logits(self, images: jax.Array) -> jax.Array:
+    """(B, gh, gw, K) float32: the aux head on every patch token, row-major (the annotation a
+    teacher writes as a score map); without an aux head (`vit_s`) the class head instead."""
+    x, (gh, gw) = self._encode(images, False, None)
+    head = self.aux_head if self.config.aux_head else self.head
+    logits = head(x[:, 1:]).astype(jnp.float32)
+    return logits.reshape(logits.shape[0], gh, gw, logits.shape[-1])
+
   def __call__(self, images: jax.Array, train: bool = False,
                mix_box: Optional[jax.Array] = None):
     """Inference logits (B, K), or in training `(cls (B, K), aux (B, N, K))` un-mixed.
@@ -226,3 +246,26 @@ class LVViT(nn.Module):
 
 
 Model = LVViT
+
+# SPEC section 1. drop_path_rate is the recipe's (training) value; inference ignores it.
+CONFIGS = {
+    'lvvit_t': LVViTConfig(dim=240, depth=12, num_heads=4, mlp_hidden=720, stem_channels=64,
+                           skip_lam=1.0, drop_path_rate=0.1, crop_pct=0.9),
+    'lvvit_s': LVViTConfig(dim=384, depth=16, num_heads=6, mlp_hidden=1152, stem_channels=64,
+                           skip_lam=2.0, drop_path_rate=0.1, crop_pct=0.9),
+    'lvvit_m': LVViTConfig(dim=512, depth=20, num_heads=8, mlp_hidden=1536, stem_channels=64,
+                           skip_lam=2.0, drop_path_rate=0.2, crop_pct=1.0),
+    'lvvit_l': LVViTConfig(dim=768, depth=24, num_heads=12, mlp_hidden=2304, stem_channels=128,
+                           skip_lam=3.0, drop_path_rate=0.3, crop_pct=1.0),
+    # Ablation baseline: S-sized plain ViT (naive 16x16 patchify, unscaled residuals, no aux).
+    'vit_s': LVViTConfig(dim=384, depth=16, num_heads=6, mlp_hidden=1152, skip_lam=1.0,
+                         drop_path_rate=0.1, crop_pct=0.9, conv_stem=False, aux_head=False),
+}
+
+# Published ImageNet-1k top-1 (SPEC sections 1 and 6), by (name, size); L@288 is the paper's
+# number without a released checkpoint.
+PUBLISHED_TOP1 = {
+    ('lvvit_t', 224): 79.1, ('lvvit_s', 224): 83.3, ('lvvit_s', 384): 84.4,
+    ('lvvit_m', 224): 84.0, ('lvvit_m', 384): 85.4, ('lvvit_m', 448): 85.5,
+    ('lvvit_l', 288): 85.3, ('lvvit_l', 448): 86.2, ('lvvit_l', 512): 86.4,
+}

@@ -1,9 +1,13 @@
 """Score-map generation throughput (`labelgen generate`) on whatever device JAX sees.
 
     python -m benchmarks.labelgen --model lvvit_m --size 384 --batch 16 --images 64   # real size
+    python -m benchmarks.labelgen --model nfnet_f0 --size 256 --batch 16 --images 64
+    python -m benchmarks.labelgen --model nfnet_f6 --size 576 --crop centre   # the paper's maps
     python -m benchmarks.labelgen --model lvvit_t --size 64 --images 16 --batch 4
+    python -m benchmarks.labelgen --model nfnet_demo --size 64 --images 32 --batch 8  # CPU
 
-A random-init teacher, saved as a converted variables checkpoint, labels a folder of generated
+A random-init teacher of any zoo model (`--model`, through the model contract: its dense
+logits on `config.grid`), saved as a converted variables checkpoint, labels a folder of generated
 JPEGs (crops of scikit-learn's two sample photos resized to 500x375 or 375x500, quality 90)
 written as image-folder shards. Prints the device, then images/s of
 - `teacher step`: the jitted forward + top-k alone, on a batch already on the devices
@@ -29,6 +33,8 @@ import numpy as np
 from PIL import Image
 
 from labelgen import generate
+from labelgen import settings
+from labelgen import teacher as teacher_lib
 from lvvit_jax import checkpoints
 from lvvit_jax import sharding
 from lvvit_jax.data import sources
@@ -74,13 +80,9 @@ def save_random_teacher(path: str, model_name: str, size: int, num_classes: int)
 
 def time_teacher_step(checkpoint: str, batch: int, k: int, dtype: str, steps: int) -> float:
   """Images/s of the jitted forward + top-k on a device-resident batch (median of `steps`)."""
-  teacher = generate.load_teacher(checkpoint, dtype=dtype)
+  teacher = teacher_lib.load_teacher(checkpoint, dtype=dtype)
   mesh = sharding.make_mesh(-1, 1, devices=jax.local_devices())
-  variables = jax.device_put(jax.tree.map(np.asarray, dict(teacher.variables)),
-                             sharding.replicated(mesh))
-  step = jax.jit(generate.make_dense_topk(teacher.model, k),
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
+  variables, step = teacher_lib.device_step(teacher, k, mesh)
   images = jax.device_put(
       jnp.asarray(np.random.default_rng(0).normal(size=(batch, teacher.size, teacher.size, 3)),
                   jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32),
@@ -102,12 +104,12 @@ def main():
   p.add_argument('--images', type=int, default=64)
   p.add_argument('--num-classes', type=int, default=1000)
   p.add_argument('--k', type=int, default=5)
-  p.add_argument('--crop', default='resize', choices=generate.CROPS)
-  p.add_argument('--dtype', default='auto', choices=generate.DTYPES)
+  p.add_argument('--crop', default='resize', choices=settings.CROPS)
+  p.add_argument('--dtype', default='auto', choices=settings.DTYPES)
   p.add_argument('--steps', type=int, default=5)
   args = p.parse_args()
 
-  dtype = generate.resolve_dtype(args.dtype)
+  dtype = settings.resolve_dtype(args.dtype)
   if args.images < 3 * args.batch:
     print(f'note: --images {args.images} gives fewer than 3 batches of {args.batch}; the '
           'end-to-end figure (after the first batch) is then rough.', file=sys.stderr)

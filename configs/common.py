@@ -1,6 +1,6 @@
 """The common base of every recipe: LV-ViT on ImageNet-1k with token labeling (SPEC section 6).
 
-Recipes (`lvvit.py`, `finetune.py`, `transfer.py`, `demo.py`) are short diffs on
+Recipes (`lvvit.py`, `finetune.py`, `transfer.py`, `demo.py`, `nfnet.py`) are short diffs on
 `get_base_config()`. Any field can be overridden on the command line
 (`--config.batch_size=256`); the peak learning rate follows the linear-scaling rule
 `lr = base_lr * batch_size / 1024` unless `--config.lr` is set. `runlocal` shrinks a recipe to
@@ -43,7 +43,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Model (lvvit_jax.models): any LVViTConfig field can go into model_overrides.
   c.model = 'lvvit_s'
-  c.img_size = 224
+  c.img_size = 224                   # the training size
+  c.eval_img_size = config_dict.placeholder(int)  # default img_size (NFNets: the test size)
   c.num_classes = 1000
   c.model_overrides = ml_collections.ConfigDict({'drop_path_rate': 0.1})
   c.dtype = 'auto'                   # bfloat16 on accelerators, float32 on CPU
@@ -97,6 +98,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.ground_truth_blend = False
 
   # Optimisation: AdamW with the decay mask, warm-up + cosine + cool-down, EMA.
+  c.optimizer = 'adamw'              # or 'sgd' (momentum, nesterov): lvvit_jax/optim.py
+  c.decay_mask = 'lvvit'             # which parameters decay: optim.DECAY_MASKS
   c.batch_size = 1024                # global
   c.base_lr = 1.6e-3                 # peak lr at batch 1024
   c.lr = c.get_ref('base_lr') * c.get_ref('batch_size') / 1024   # linear scaling
@@ -111,9 +114,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-8
+  c.momentum = 0.9                   # sgd only
+  c.nesterov = True                  # sgd only
   c.grad_clip_norm = config_dict.placeholder(float)   # the recipe does not clip
+  c.agc_clip = config_dict.placeholder(float)    # adaptive gradient clipping (NFNets: 0.01)
+  c.agc_eps = 1e-3
   c.grad_accum_steps = 1
   c.ema_decay = 0.99992
+  c.ema_warmup = False               # True: decay min(ema_decay, (1 + step) / (10 + step))
 
   # Mesh: all devices on 'data' (data parallel); fsdp > 1 shards tensors >= fsdp_min_size.
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size': 2**18})

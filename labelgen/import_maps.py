@@ -43,10 +43,12 @@ import tensorflow as tf
 
 from labelgen import pt_files
 from labelgen import resume
+from lvvit_jax import cli
 from lvvit_jax.data import score_maps
 from lvvit_jax.data import sources
 
 _FILE = 'labelgen/import_maps.py'
+_PROG = 'python -m labelgen import'
 MAP_BOXES = ('centre', 'full')
 _WNID_FILE = re.compile(r'^(n\d{8})_')
 _CHUNK = 256  # examples read and converted at a time (bounds the images held in memory)
@@ -409,23 +411,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--allow-missing', action='store_true',
                       help='write images without a label file with has_map=0 (plain label)')
   parser.add_argument('--workers', type=int, default=8, help='threads reading label files')
+  parser.add_argument('--verbose', action='store_true',
+                      help='on an error, show its traceback instead of one line')
 
 
 def run(args: argparse.Namespace) -> int:
-  """Runs the sub-command on parsed arguments; returns the exit status."""
-  try:
+  """Runs the sub-command on parsed arguments; returns 0.
+
+  A bad setting, a missing or foreign file or a refused pickle (LabelImportError, PtFileError,
+  ScoreMapError, ...) is one line on stderr and `SystemExit(2)` (the traceback with --verbose).
+  """
+  with cli.user_errors(_PROG, args.verbose):
     import_labels(args.labels, args.source, args.out, split=args.split, data_dir=args.data_dir,
                   fmt=args.format, map_box=args.map_box, allow_missing=args.allow_missing,
                   workers=args.workers)
-  except ValueError as e:  # LabelImportError, PtFileError, ScoreMapError, bad sources
-    print(f'labelgen import: error: {e}', file=sys.stderr)
-    return 1
   return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`python -m labelgen import ...` (argv without the sub-command)."""
-  parser = argparse.ArgumentParser(prog='python -m labelgen import', description=__doc__,
+  parser = argparse.ArgumentParser(prog=_PROG, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_arguments(parser)
   return run(parser.parse_args(argv))

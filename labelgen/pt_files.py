@@ -8,13 +8,14 @@ A `.pt` file written by `torch.save` (torch >= 1.6) is a zip archive:
   <archive>/data/<key>      the raw bytes of storage `key`
   <archive>/byteorder       'little' or 'big' (absent in older files: little)
 
-`load` unpickles `data.pkl` with a restricted unpickler: `find_class` resolves only the names a
-tensor needs (the rebuild functions, the storage types, torch dtypes, `collections.OrderedDict`)
-to NumPy implementations here, and `persistent_load` returns each storage as a NumPy array of
-its dtype. Any other global (a custom class, `os.system`, ...) is refused with a `PtFileError`
-naming the file and the global, before anything is called; the result must be arrays in plain
-containers (dict, list, tuple) or it is refused too. Tensors are rebuilt from (size, stride,
-offset) with bounds checks, as contiguous NumPy copies (bfloat16 through `ml_dtypes`).
+`load` unpickles `data.pkl` with the project's restricted unpickler (`lvvit_jax/safe_pickle.py`):
+`find_class` resolves only the names a tensor needs (the rebuild functions, the storage types,
+torch dtypes, `collections.OrderedDict`) to NumPy implementations here, and `persistent_load`
+returns each storage as a NumPy array of its dtype. Any other global (a custom class,
+`os.system`, ...) is refused with a `PtFileError` naming the file and the global, before
+anything is called; the result must be arrays in plain containers (dict, list, tuple) or it is
+refused too. Tensors are rebuilt from (size, stride, offset) with bounds checks, as contiguous
+NumPy copies (bfloat16 through `ml_dtypes`).
 
 Files in torch's legacy (pre-1.6, non-zip) format are read with `torch.load(weights_only=True)`
 when torch is installed; without it they are an error that says so.
@@ -27,11 +28,12 @@ from __future__ import annotations
 import collections
 import io
 import os
-import pickle
 import zipfile
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
+
+from lvvit_jax import safe_pickle
 
 _FILE = 'labelgen/pt_files.py'
 _ZIP_MAGIC = b'PK\x03\x04'
@@ -88,75 +90,70 @@ class _TorchDtype:
     self.dtype = dtype
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(safe_pickle.RestrictedUnpickler):
   """Rebuilds tensors as NumPy arrays; refuses every global it does not know."""
 
   def __init__(self, data: bytes, name: str, read_record: Callable[[str], bytes],
                byteorder: str):
-    super().__init__(io.BytesIO(data))
-    self._name = name
+    super().__init__(
+        data, name, {}, source=_FILE, error=PtFileError, subject='its data.pkl',
+        expected='a tensor file',
+        refusal='only tensors (and dicts, lists and tuples of them) are read from label '
+                'files; re-save the file holding tensors only, or check where it came from.')
     self._read_record = read_record
     self._byteorder = '>' if byteorder == 'big' else '<'
     self._storages: Dict[str, np.ndarray] = {}
-    self._rebuilders = {
+    self.allowed.update({
         ('torch._utils', '_rebuild_tensor'): self._rebuild_tensor,
         ('torch._utils', '_rebuild_tensor_v2'): self._rebuild_tensor_v2,
         ('torch._utils', '_rebuild_tensor_v3'): self._rebuild_tensor_v3,
         ('torch._utils', '_rebuild_parameter'): self._rebuild_parameter,
         ('collections', 'OrderedDict'): collections.OrderedDict,
-    }
-
-  def _error(self, what: str) -> PtFileError:
-    return PtFileError(f'{_FILE}: {self._name}: {what}')
+    })
 
   def find_class(self, module: str, name: str) -> Any:
-    fn = self._rebuilders.get((module, name))
-    if fn is not None:
-      return fn
     if module in ('torch', 'torch.storage') and name in _STORAGE_DTYPES:
       return _StorageType(_STORAGE_DTYPES[name]())
     if module == 'torch' and name in _TORCH_DTYPES:
       return _TorchDtype(_TORCH_DTYPES[name]())
-    raise self._error(f'refusing to unpickle global {module}.{name}: only tensors (and dicts, '
-                      'lists and tuples of them) are read from label files; re-save the file '
-                      'holding tensors only, or check where it came from.')
+    return super().find_class(module, name)
 
   def persistent_load(self, pid: Any) -> np.ndarray:
     if (not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != 'storage'
         or not isinstance(pid[1], _StorageType)):
-      raise self._error(f'unexpected persistent id {pid!r:.80}: not a torch storage.')
+      raise self.error(f'unexpected persistent id {pid!r:.80}: not a torch storage.')
     _, storage_type, key, _, numel = pid[:5]
     key = str(key)
     if key not in self._storages:
       raw = self._read_record(f'data/{key}')
       dtype = storage_type.dtype.newbyteorder(self._byteorder)
       if len(raw) < int(numel) * dtype.itemsize:
-        raise self._error(f'storage {key} holds {len(raw)} bytes, fewer than its {numel} '
-                          f'elements of {storage_type.dtype}: the file is truncated.')
+        raise self.error(f'storage {key} holds {len(raw)} bytes, fewer than its {numel} '
+                         f'elements of {storage_type.dtype}: the file is truncated.')
       array = np.frombuffer(raw, dtype, count=int(numel))
       self._storages[key] = array.astype(storage_type.dtype.newbyteorder('='), copy=False)
     return self._storages[key]
 
   def _view(self, storage: Any, offset: Any, size: Any, stride: Any) -> np.ndarray:
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-      raise self._error('a tensor is rebuilt from something that is not a storage.')
+      raise self.error('a tensor is rebuilt from something that is not a storage.')
     try:
       offset = int(offset)
       size = tuple(int(s) for s in size)
       stride = tuple(int(s) for s in stride)
     except (TypeError, ValueError):
-      raise self._error(f'tensor offset/size/stride {offset!r}/{size!r}/{stride!r} are not '
-                        'integers.') from None
+      raise self.error(f'tensor offset/size/stride {offset!r}/{size!r}/{stride!r} are not '
+                       'integers.') from None
     if (len(size) != len(stride) or offset < 0 or min(size + (0,)) < 0
         or min(stride + (0,)) < 0):
-      raise self._error(f'invalid tensor geometry: offset {offset}, size {size}, stride '
-                        f'{stride}.')
+      raise self.error(f'invalid tensor geometry: offset {offset}, size {size}, stride '
+                       f'{stride}.')
     if 0 in size:
       return np.zeros(size, storage.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
-      raise self._error(f'a tensor of size {size}, stride {stride}, offset {offset} reads past '
-                        f'its storage of {storage.size} elements: the file is corrupt.')
+      raise self.error(f'a tensor of size {size}, stride {stride}, offset {offset} reads past '
+                       f'its storage of {storage.size} elements: the file is corrupt.')
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], size,
                                            tuple(s * itemsize for s in stride), writeable=False)
@@ -174,7 +171,7 @@ class _Unpickler(pickle.Unpickler):
                          dtype, metadata=None) -> np.ndarray:
     del requires_grad, backward_hooks, metadata
     if not isinstance(dtype, _TorchDtype) or not isinstance(storage, np.ndarray):
-      raise self._error('_rebuild_tensor_v3 without a torch dtype and storage.')
+      raise self.error('_rebuild_tensor_v3 without a torch dtype and storage.')
     raw = storage.view(np.uint8)
     usable = raw.size - raw.size % dtype.dtype.itemsize
     typed = raw[:usable].view(dtype.dtype.newbyteorder(self._byteorder))
@@ -183,7 +180,7 @@ class _Unpickler(pickle.Unpickler):
   def _rebuild_parameter(self, data, requires_grad=False, backward_hooks=None) -> np.ndarray:
     del requires_grad, backward_hooks
     if not isinstance(data, np.ndarray):
-      raise self._error('_rebuild_parameter of something that is not a tensor.')
+      raise self.error('_rebuild_parameter of something that is not a tensor.')
     return data
 
 
@@ -234,14 +231,7 @@ def _load_zip(data: bytes, name: str) -> Any:
                         'incomplete.')
     return archive.read(prefix + record)
 
-  unpickler = _Unpickler(archive.read(pickles[0]), name, read_record, byteorder)
-  try:
-    obj = unpickler.load()
-  except PtFileError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (any malformed pickle)
-    raise PtFileError(f'{_FILE}: {name}: its data.pkl cannot be read ({type(e).__name__}: '
-                      f'{e}); the file is corrupt or not a tensor file.') from None
+  obj = _Unpickler(archive.read(pickles[0]), name, read_record, byteorder).load()
   _check_plain(obj, name)
   return obj
 

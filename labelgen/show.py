@@ -35,6 +35,7 @@ from PIL import ImageFont
 import tensorflow as tf
 
 from labelgen import import_maps
+from lvvit_jax import cli
 from lvvit_jax import augment as device_augment
 from lvvit_jax.data import augment
 from lvvit_jax.data import score_maps
@@ -43,6 +44,7 @@ from lvvit_jax.token_labeling import label_targets
 from lvvit_jax.token_labeling import token_targets
 
 _FILE = 'labelgen/show.py'
+_PROG = 'python -m labelgen show'
 MIN_SIDE = 512   # the picture's side is the input size times the smallest integer reaching this
 HEADER = 40      # pixels of text above the picture
 
@@ -292,25 +294,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--seed', type=int, default=0, help='augmentation seed')
   parser.add_argument('--min-side', type=int, default=MIN_SIDE,
                       help='upscale the picture to at least this many pixels')
+  parser.add_argument('--verbose', action='store_true',
+                      help='on an error, show its traceback instead of one line')
 
 
 def run(args: argparse.Namespace) -> int:
-  """Runs the sub-command on parsed arguments; returns the exit status."""
-  try:
+  """Runs the sub-command on parsed arguments; returns 0.
+
+  A bad setting or a missing or foreign file (ScoreMapError, a bad index or source) is one line
+  on stderr and `SystemExit(2)` (the traceback with --verbose).
+  """
+  with cli.user_errors(_PROG, args.verbose):
     picture = show(args.source, args.shards, args.index, args.out, split=args.split,
                    data_dir=args.data_dir, image_size=args.image_size,
                    grid=(args.grid, args.grid) if args.grid else None,
                    augmented=args.augment, seed=args.seed, min_side=args.min_side)
-  except ValueError as e:  # ScoreMapError, bad index or source
-    print(f'labelgen show: error: {e}', file=sys.stderr)
-    return 1
   print(f'labelgen show: wrote {args.out} ({picture.width}x{picture.height})', file=sys.stderr)
   return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`python -m labelgen show ...` (argv without the sub-command)."""
-  parser = argparse.ArgumentParser(prog='python -m labelgen show', description=__doc__,
+  parser = argparse.ArgumentParser(prog=_PROG, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_arguments(parser)
   return run(parser.parse_args(argv))

@@ -1,12 +1,15 @@
-"""The trainer: LV-ViT with token labeling on a ('data', 'fsdp') mesh, with Orbax checkpoints.
+"""The trainer: any model of the registry (LV-ViT with token labeling, NFNets) on a
+('data', 'fsdp') mesh, with Orbax checkpoints.
 
     python main.py --config configs/lvvit.py:variant=s --workdir W          # train (and eval)
     python main.py --config configs/lvvit.py:variant=s --config.mode=eval \\
         --config.init_from=CKPT --workdir W                                 # evaluate
+    python main.py --config configs/nfnet.py:variant=f0 --workdir W         # NFNet-F0
 
-Top to bottom: config checks, mesh, input, model and sharded init, the update step,
-checkpoint/resume, evaluation, the loop. No Trainer class: `train_and_evaluate` reads as the
-run goes. The update step is a pure function `(state, batch, rng) -> (state, metrics)`,
+The model, its eval size, the objective and the optimizer come from the config through
+`lvvit_jax/recipe.py`. Top to bottom: config checks, mesh, input, model and sharded init, the
+update step, checkpoint/resume, evaluation, the loop. No Trainer class: `train_and_evaluate`
+reads as the run goes. The update step is a pure function `(state, batch, rng) -> (state, metrics)`,
 jitted with explicit shardings and the state donated; metrics stay on the devices until a log
 step; the next batch is sent to the devices while the current step runs.
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
+import json
 import os
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -36,44 +39,23 @@ from lvvit_jax import checkpoints
 from lvvit_jax import evaluate as evaluate_lib
 from lvvit_jax import optim
 from lvvit_jax import sharding
-from lvvit_jax.models import MODEL_CONFIGS
-from lvvit_jax.models import create_model
 from lvvit_jax.models import convert
+# The config's pieces (re-exported: `train.build_model` etc. are the trainer's API).
+from lvvit_jax.recipe import build_eval_model
+from lvvit_jax.recipe import build_model
+from lvvit_jax.recipe import check_eval_model
+from lvvit_jax.recipe import check_model_settings
+from lvvit_jax.recipe import compute_dtype
+from lvvit_jax.recipe import make_optimizer
+from lvvit_jax.recipe import make_schedule
+from lvvit_jax.recipe import objective_config
 from lvvit_jax.token_labeling import objective
 
 _FILE = 'lvvit_jax/train.py'
 
 
 # ------------------------------------------------------------------------------------------------
-# Config.
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> str:
-  """config.dtype, with 'auto' = bfloat16 on accelerators and float32 on CPU."""
-  if config.dtype == 'auto':
-    return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
-  return config.dtype
-
-
-def build_model(config: ml_collections.ConfigDict, dtype: Optional[str] = None):
-  """The configured LV-ViT (config.model, img_size, num_classes, model_overrides)."""
-  if config.model not in MODEL_CONFIGS:
-    raise ValueError(f'{_FILE}: config.model={config.model!r} is not a model; choose one of '
-                     f'{sorted(MODEL_CONFIGS)}.')
-  return create_model(config.model, dtype=dtype or compute_dtype(config),
-                      num_classes=config.num_classes, img_size=config.img_size,
-                      **dict(config.model_overrides))
-
-
-def objective_config(config: ml_collections.ConfigDict) -> objective.ObjectiveConfig:
-  """The method's settings; dense_weight None = 0.5 with score maps, 0 without."""
-  dense_weight = config.dense_weight
-  if dense_weight is None:
-    dense_weight = 0.5 if config.data.score_maps_dir else 0.0
-  return objective.ObjectiveConfig(
-      cls_weight=config.cls_weight, dense_weight=dense_weight,
-      smoothing=config.smoothing, mixtoken=config.mixtoken,
-      ground_truth_blend=config.ground_truth_blend)
+# Config (the model, objective and optimizer: `lvvit_jax/recipe.py`).
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: str, source: str) -> Optional[str]:
@@ -104,8 +86,9 @@ def num_streams(config: ml_collections.ConfigDict) -> int:
 def pipeline_config(config: ml_collections.ConfigDict, workdir: str, *, source: str, split: str,
                     batch_size: int, stream: int, num_streams_: int, train: bool,
                     score_maps_dir: Optional[str] = None, label_feature: str = 'label',
-                    crop_pct: float = 0.9):
-  """The `PipelineConfig` of one data stream (train) or of this process (eval)."""
+                    crop_pct: float = 0.9, image_size: Optional[int] = None):
+  """The `PipelineConfig` of one data stream (train) or of this process (eval, at
+  `image_size`; default config.img_size)."""
   from lvvit_jax.data import augment as host_augment  # pylint: disable=g-import-not-at-top  (TF)
   from lvvit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   # The host's part of config.aug (crop and resize); the rest: `device_augment_config`.
@@ -116,8 +99,8 @@ def pipeline_config(config: ml_collections.ConfigDict, workdir: str, *, source: 
   return pipeline.PipelineConfig(
       source=source, split=split, data_dir=data_dir(config, workdir, source),
       score_maps_dir=score_maps_dir if train else None, batch_size=batch_size,
-      image_size=config.img_size, crop_pct=crop_pct, augment=aug, seed=config.seed,
-      shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
+      image_size=image_size or config.img_size, crop_pct=crop_pct, augment=aug,
+      seed=config.seed, shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
       num_parallel_calls=d.num_parallel_calls, threadpool_size=d.threadpool_size,
       prefetch=d.prefetch, process_index=stream, process_count=num_streams_,
       on_corrupt=d.on_corrupt, label_feature=label_feature)
@@ -266,23 +249,6 @@ def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh, min_siz
   return sharding.tree_shardings(abstract_state, mesh, min_size)
 
 
-def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """(lr schedule, total steps): warm-up, cosine, cool-down, in steps from the epoch recipe."""
-  total = config.total_steps or config.num_epochs * steps_per_epoch
-  warmup = config.warmup_steps
-  if warmup is None:
-    warmup = config.warmup_epochs * steps_per_epoch
-  cooldown = config.cooldown_epochs * steps_per_epoch if config.total_steps is None else 0
-  schedule = optim.lr_schedule(config.lr, total, warmup, init_lr=config.init_lr,
-                               end_lr=config.end_lr, cooldown_steps=cooldown)
-  return schedule, total
-
-
-def make_optimizer(config: ml_collections.ConfigDict, params: Any, schedule):
-  return optim.make_optimizer(params, schedule, weight_decay=config.weight_decay, b1=config.b1,
-                              b2=config.b2, eps=config.eps, grad_clip_norm=config.grad_clip_norm)
-
-
 # ------------------------------------------------------------------------------------------------
 # The update step.
 
@@ -294,7 +260,7 @@ def _micro_batches(x: jax.Array, k: int) -> jax.Array:
 
 def make_update_step(model, tx: optax.GradientTransformation, schedule,
                      cfg: objective.ObjectiveConfig, *, ema_decay: float = 0.99992,
-                     grad_accum_steps: int = 1, augment=None):
+                     ema_warmup: bool = False, grad_accum_steps: int = 1, augment=None):
   """The pure update step `(state, batch, rng) -> (state, metrics)`.
 
   A batch from the input pipeline (uint8 `image` with `aug_seed`) is first augmented here, per
@@ -303,10 +269,11 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
   `label_affine`. A batch without `aug_seed` is used as it is (normalised float images).
   Forward in the model's compute dtype, loss in float32 (`objective.training_loss`), gradients
   accumulated over `grad_accum_steps` micro-batches (a scan; one optimizer update per step),
-  AdamW with the schedule, EMA of params and batch statistics. `rng` is the run's key; the
-  step folds in its own number, and random bits depend only on an example's row in the global
-  batch (the augmentation's only on the example's `aug_seed`), so the result does not depend
-  on how the batch is split across devices.
+  the optimizer `tx` (its schedule gives the logged lr), EMA of params and batch statistics
+  (`optim.ema_decay_at`: with `ema_warmup` the decay ramps up as TF1's). `rng` is the run's
+  key; the step folds in its own number, and random bits depend only on an example's row in
+  the global batch (the augmentation's only on the example's `aug_seed`), so the result does
+  not depend on how the batch is split across devices.
   """
   augment = augment or device_augment.DeviceAugmentConfig()
 
@@ -342,10 +309,11 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
       loss, parts = jnp.mean(losses), jax.tree.map(jnp.mean, parts)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    decay = optim.ema_decay_at(state.step, ema_decay, ema_warmup)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-        ema_params=optim.ema_update(state.ema_params, params, ema_decay),
-        ema_batch_stats=optim.ema_update(state.ema_batch_stats, batch_stats, ema_decay))
+        ema_params=optim.ema_update(state.ema_params, params, decay),
+        ema_batch_stats=optim.ema_update(state.ema_batch_stats, batch_stats, decay))
     metrics = {'loss': loss, 'loss_cls': parts['cls'], 'loss_dense': parts['dense'],
                'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
     return new_state, metrics
@@ -368,8 +336,10 @@ def jit_update_step(update_step, shardings: TrainState, mesh: jax.sharding.Mesh)
 def run_description(config: ml_collections.ConfigDict, model, streams: int,
                     mesh: jax.sharding.Mesh) -> Dict[str, Any]:
   """What a checkpoint belongs to: checked when a run resumes from its workdir."""
+  # As its JSON will read back (tuple fields, e.g. an NFNet's depths, become lists).
+  model_config = json.loads(json.dumps(dataclasses.asdict(model.config)))
   return {
-      'model': config.model, 'model_config': dataclasses.asdict(model.config),
+      'model': config.model, 'model_config': model_config,
       'data': {'source': config.data.source, 'split': config.data.train_split,
                'score_maps_dir': config.data.score_maps_dir or '', 'seed': config.seed,
                'num_streams': streams},
@@ -390,10 +360,17 @@ def data_positions(items: Mapping[int, Mapping[str, Any]], streams: int,
   return positions
 
 
+def _with_tuples(described: Mapping[str, Any]) -> Dict[str, Any]:
+  """A trainer checkpoint's model description with JSON's lists as the config's tuples."""
+  return dict(described, model_config={k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in described['model_config'].items()})
+
+
 def load_init(config: ml_collections.ConfigDict, model, abstract: TrainState, *, ema: bool
               ) -> Tuple[Dict[str, Any], List[str]]:
   """config.init_from's variables fitted to `model` (see `checkpoints.load_model_variables`)."""
   variables, described = checkpoints.load_model_variables(config.init_from, ema=ema)
+  described = _with_tuples(described)
   checkpoints.check_same_architecture(described, config.model, model.config,
                                       setting=f'config.init_from={config.init_from}')
   target = {'params': abstract.params, 'batch_stats': abstract.batch_stats}
@@ -466,7 +443,8 @@ class EvalSplit:
 
 
 def make_eval_splits(config: ml_collections.ConfigDict, workdir: str, model) -> List[EvalSplit]:
-  """The configured eval splits; optional ones (ReaL, V2) are skipped when not prepared."""
+  """The configured eval splits at the size of `model` (the eval model) and its crop_pct
+  (config.data.crop_pct overrides it); optional ones (ReaL, V2) are skipped when not prepared."""
   from lvvit_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   batch = config.data.eval_batch_size or config.batch_size
   per_process = batch // jax.process_count()
@@ -476,7 +454,8 @@ def make_eval_splits(config: ml_collections.ConfigDict, workdir: str, model) -> 
     cfg = pipeline_config(config, workdir, source=e.source, split=e.split,
                           batch_size=per_process, stream=jax.process_index(),
                           num_streams_=jax.process_count(), train=False,
-                          label_feature=e.get('label_feature', 'label'), crop_pct=crop_pct)
+                          label_feature=e.get('label_feature', 'label'), crop_pct=crop_pct,
+                          image_size=model.config.img_size)
     try:
       it = pipeline.make_eval_iterator(cfg)
     except ValueError as err:
@@ -543,7 +522,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     raise ValueError(f'{_FILE}: config.grad_accum_steps={config.grad_accum_steps} must divide '
                      f'the per-device batch {config.batch_size // mesh.size}.')
   streams = num_streams(config)
-  model = build_model(config)
+  model, eval_model = build_model(config), build_eval_model(config)
+  check_model_settings(config, model)
+  check_eval_model(config, model, eval_model)
   if config.get('init_from_required') and not config.init_from:
     raise ValueError(f'{_FILE}: this recipe starts from a checkpoint: set --config.init_from to '
                      'a converted checkpoint (python -m lvvit_jax.convert) or a trainer workdir.')
@@ -570,7 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     positions = data_positions(ckpts.restore_data(latest), streams,
                                f'{ckpts.directory}/{latest}')
   train_input = TrainInput(config, workdir, streams, positions)
-  splits = make_eval_splits(config, workdir, model)
+  splits = make_eval_splits(config, workdir, eval_model)
   init_variables = None
   if latest is None and config.init_from:
     init_variables, dropped = load_init(config, model, abstract, ema=config.init_ema)
@@ -593,18 +574,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   rng = jax.random.wrap_key_data(
       sharding.put(jax.random.key_data(rng), sharding.replicated(mesh)))
   start_step = int(sharding.fetch(state.step))
-  logging.info('Training %s (%s) for %d steps from step %d: global batch %d (%d per process), '
-               '%d examples/epoch, mesh %s, %d data streams.', config.model, compute_dtype(config),
-               total_steps, start_step, config.batch_size, per_process_batch, num_examples,
-               dict(mesh.shape), streams)
+  logging.info('Training %s (%s, %s) at %d px (eval at %d) for %d steps from step %d: global '
+               'batch %d (%d per process), %d examples/epoch, mesh %s, %d data streams.',
+               config.model, compute_dtype(config), config.optimizer, config.img_size,
+               eval_model.config.img_size, total_steps, start_step, config.batch_size,
+               per_process_batch, num_examples, dict(mesh.shape), streams)
 
   update = jit_update_step(
       make_update_step(model, tx, schedule, objective_config(config),
-                       ema_decay=config.ema_decay, grad_accum_steps=config.grad_accum_steps,
+                       ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
+                       grad_accum_steps=config.grad_accum_steps,
                        augment=device_augment_config(config)),
       shardings, mesh)
   eval_step = make_predict(
-      model, {'params': shardings.params, 'batch_stats': shardings.batch_stats}, mesh)
+      eval_model, {'params': shardings.params, 'batch_stats': shardings.batch_stats}, mesh)
   log = metrics_lib.MetricsLog(workdir)
   hooks = []
   if jax.process_index() == 0:
@@ -673,16 +656,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   batch = config.data.eval_batch_size or config.batch_size
   sharding.check_global_batch(batch, mesh, jax.process_count(),
                               setting='config.data.eval_batch_size')
-  model = build_model(config)
+  model = build_eval_model(config)
   path = config.init_from or workdir
   prepare_builtin_data(config, workdir)
   splits = make_eval_splits(config, workdir, model)
   if not splits:
     raise ValueError(f'{_FILE}: no eval split is available; configure config.evals.')
-  abstract = jax.eval_shape(lambda r: model.init(
-      {'params': r}, jnp.zeros((1, config.img_size, config.img_size, 3))), jax.random.key(0))
+  size = model.config.img_size
+  abstract = jax.eval_shape(lambda r: model.init({'params': r}, jnp.zeros((1, size, size, 3))),
+                            jax.random.key(0))
   abstract = {'params': abstract['params'], 'batch_stats': abstract.get('batch_stats', {})}
   variables, described = checkpoints.load_model_variables(path, ema=config.eval_ema)
+  described = _with_tuples(described)
   checkpoints.check_same_architecture(described, config.model, model.config,
                                       setting=f'config.init_from={path}')
   variables, dropped = convert.adapt_variables(variables, abstract, model.config.grid,
@@ -692,6 +677,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
                      f'config.num_classes={config.num_classes}; set the class count it was '
                      'trained with.')
   shardings = sharding.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  variables = {k: variables.get(k, {}) for k in abstract}  # A model without batch_stats: {}.
   variables = jax.tree.map(lambda v, s: sharding.put(np.asarray(v, np.float32), s), variables,
                            shardings)
   eval_step = make_predict(model, shardings, mesh)

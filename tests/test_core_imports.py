@@ -11,7 +11,9 @@ CORE = ['lvvit_jax', 'lvvit_jax.models', 'lvvit_jax.models.lvvit', 'lvvit_jax.mo
         'lvvit_jax.token_labeling', 'lvvit_jax.optim', 'lvvit_jax.checkpoints',
         'lvvit_jax.convert', 'lvvit_jax.augment', 'lvvit_jax.train',
         'lvvit_jax.sharding', 'lvvit_jax.evaluate', 'lvvit_jax.metrics',
-        'lvvit_jax.preemption', 'lvvit_jax.token_labeling.objective']
+        'lvvit_jax.preemption', 'lvvit_jax.token_labeling.objective',
+        'lvvit_jax.models.nfnet', 'lvvit_jax.models.nfnet_convert', 'lvvit_jax.safe_pickle',
+        'lvvit_jax.cli', 'lvvit_jax.plots']
 
 
 def test_core_imports_with_tensorflow_and_torch_blocked():
@@ -21,6 +23,7 @@ def test_core_imports_with_tensorflow_and_torch_blocked():
           + ''.join(f'import {m}\n' for m in CORE) +
           'from lvvit_jax.models import create_model\n'
           'create_model("lvvit_t")\n'
+          'create_model("nfnet_f0")\n'
           'print("ok")\n')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

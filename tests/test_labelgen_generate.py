@@ -4,11 +4,14 @@ Tiny random LV-ViTs (one with an aux head, one without, like `vit_s`) saved as c
 checkpoints run over the bundled digits and over a small image folder of non-square JPEG and
 PNG images (one of them undecodable). The stored maps are compared with the teacher's logits
 computed directly (the head's weights applied in NumPy to `features`) on the same preprocessed
-images; the shards are read back by the real input pipeline.
+images; the shards are read back by the real input pipeline. A random `nfnet_demo` teacher
+(no tokens: its classifier at every position) goes through the same path.
 """
 import io
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -100,12 +103,12 @@ def _records(out):
              for r in tf.data.TFRecordDataset(os.path.join(out, s.file)).as_numpy_iterator()]
 
 
-def _assert_topk(record, logits):
+def _assert_topk(record, logits, grid=(GRID, GRID)):
   """The record's (h, w, k) map is jax.lax.top_k of the (N, K) logits, up to float16."""
   want_values, want_idx = jax.lax.top_k(jnp.asarray(logits, jnp.float32), K)
   values = record['topk_logits'].reshape(-1, K).astype(np.float32)
   idx = record['topk_idx'].reshape(-1, K).astype(np.int64)
-  assert record['topk_logits'].shape == (GRID, GRID, K) and record['has_map']
+  assert record['topk_logits'].shape == tuple(grid) + (K,) and record['has_map']
   np.testing.assert_allclose(values, want_values, rtol=1e-3, atol=1e-5)
   # The classes themselves, in order (a near-tie may swap two, so compare their logits too).
   np.testing.assert_allclose(np.take_along_axis(logits, idx, -1), want_values, rtol=0, atol=1e-5)
@@ -123,8 +126,9 @@ def test_digits_maps_pair_with_the_image_shards_and_feed_the_pipeline(digits_dat
   manifest, records = _records(out)
   assert (manifest.grid, manifest.k, manifest.num_classes) == ((GRID, GRID), K, CLASSES)
   t = manifest.teacher
-  assert (t['checkpoint'], t['model'], t['size'], t['crop'], t['dtype'], t['ema'], t['head']) == (
-      teachers['aux'], 'lvvit_t', SIZE, 'resize', 'float32', True, 'aux_head')
+  assert (t['checkpoint'], t['model'], t['size'], t['crop'], t['dtype'], t['ema']) == (
+      teachers['aux'], 'lvvit_t', SIZE, 'resize', 'float32', True)
+  assert len(t['weights_sha256']) == 64
   assert [s.image_shard for s in manifest.shards] == [s.name for s in src.shards]
   score_maps.pair_shards(out, manifest, [(s.path, s.num_examples) for s in src.shards])
   score_maps.verify_checksums(out, manifest)
@@ -206,7 +210,7 @@ def test_a_model_without_aux_head_gets_its_class_head_at_every_token(folder, tea
   summary = generate.generate(teachers['no_aux'], folder, out, crop='centre', batch_size=4,
                               log=io.StringIO(), progress=False)
   manifest, records = _records(out)
-  assert manifest.teacher['head'] == 'head' and manifest.grid == (GRID, GRID)
+  assert manifest.grid == (GRID, GRID)
   good = [e for e in _examples(sources.get_source(folder)) if e['key'] != BROKEN]
   logits = _direct_logits(teachers['no_aux'],
                           np.stack([_preprocessed(e['encoded'], 'centre') for e in good]))
@@ -277,13 +281,75 @@ def test_config_mode_and_clear_errors(digits_data, teachers, tmp_path, capsys):
     generate.generate(teachers['aux'], 'digits', out, batch_size=6, **kw)
   with pytest.raises(generate.GenerateError, match=r'--k 11 must lie in \[1, 10\]'):
     generate.generate(teachers['aux'], 'digits', out, k=11, batch_size=8, **kw)
-  with pytest.raises(generate.GenerateError, match='--size 36 is not a multiple of the '
-                     "teacher's patch size 8"):
+  with pytest.raises(generate.GenerateError, match='--size 36 does not fit the teacher lvvit_t'
+                     '.* img_size 36 is not a multiple of the patch size 8; use e.g. '
+                     'img_size=32'):
     generate.generate(teachers['aux'], 'digits', out, size=36, batch_size=8, **kw)
   seven = _save_teacher(str(tmp_path / 'seven'), 3, num_classes=7)
-  status = labelgen_main.main(['generate', '--teacher', seven, '--source', 'digits', '--split',
-                               'validation', '--data-dir', digits_data['data_dir'], '--out', out,
-                               '--batch', '8', '--no-progress'])
-  assert status == 1
-  assert 'has 7 classes but digits (validation) has 10' in capsys.readouterr().err
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    labelgen_main.main(['generate', '--teacher', seven, '--source', 'digits', '--split',
+                        'validation', '--data-dir', digits_data['data_dir'], '--out', out,
+                        '--batch', '8', '--no-progress'])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert 'has 7 classes but digits (validation) has 10' in err and len(err.splitlines()) == 1
   assert not os.path.exists(os.path.join(out, score_maps.MANIFEST_NAME))
+
+
+def test_a_bad_teacher_path_is_one_line_and_exit_status_2(tmp_path):
+  missing = str(tmp_path / 'no_such_checkpoint')
+  out = subprocess.run(
+      [sys.executable, '-m', 'labelgen', 'generate', '--teacher', missing, '--source', 'digits',
+       '--data-dir', str(tmp_path / 'data'), '--out', str(tmp_path / 'maps'), '--no-progress'],
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [line for line in out.stderr.splitlines() if 'error' in line.lower()]
+  assert errors == [line for line in out.stderr.splitlines() if line.strip()][-1:], out.stderr
+  assert errors[0].startswith('python -m labelgen generate: error: ') and missing in errors[0]
+  assert 'Traceback' not in out.stderr and not os.path.exists(tmp_path / 'data')
+
+
+def test_an_nfnet_teacher_writes_its_classifier_at_every_position(digits_data, tmp_path):
+  """A random `nfnet_demo` at 64 px: maps of its `config.grid` that the pipeline reads."""
+  model = create_model('nfnet_demo', img_size=64, num_classes=CLASSES)
+  # Random values of the right shapes (compiling the model's own init costs a minute on CPU).
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)},
+                                             jnp.zeros((1, 64, 64, 3))))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(s.dtype), shapes)
+  teacher = checkpoints.save_variables(str(tmp_path / 'nfnet'), variables, 'nfnet_demo',
+                                       {'num_classes': CLASSES, 'img_size': 64})
+  out = str(tmp_path / 'maps')
+  summary = generate.generate(teacher, 'digits:64', out, split='validation',
+                              data_dir=digits_data['data_dir'], crop='centre', batch_size=8,
+                              log=io.StringIO(), progress=False)
+  manifest, records = _records(out)
+  grid = model.config.grid
+  assert manifest.grid == grid == (16, 16) and manifest.k == K
+  t = manifest.teacher
+  assert (t['model'], t['size'], t['crop'], t['dtype']) == ('nfnet_demo', 64, 'centre', 'float32')
+  examples = _examples(digits_data['validation'])
+  assert [r['key'] for r in records] == [e['key'] for e in examples]
+  assert summary.undecodable == [] and all(tuple(r['map_box']) == FULL for r in records)
+
+  # Each map is the top-k of `dense_logits` on the same preprocessed image (a few dozen here).
+  some = range(0, len(examples), 10)
+  images = np.stack([_preprocessed(examples[i]['encoded'], 'centre', 64) for i in some])
+  dense = np.asarray(jax.jit(lambda v, x: model.apply(v, x, method='dense_logits'))(
+      variables, jnp.asarray(images)))
+  assert dense.shape == (len(some),) + grid + (CLASSES,)
+  for i, image_logits in zip(some, dense):
+    _assert_topk(records[i], image_logits.reshape(-1, CLASSES), grid)
+
+  cfg = pipeline.PipelineConfig(
+      source='digits:64', split='validation', data_dir=digits_data['data_dir'],
+      score_maps_dir=out, batch_size=8, image_size=64,
+      augment=augment.AugmentConfig(image_size=64), shuffle_buffer=1, cycle_length=2,
+      num_parallel_calls=1, include_keys=True, num_epochs=1)
+  by_key = {r['key']: r for r in records}
+  batch = next(iter(pipeline.make_train_iterator(cfg)))
+  assert batch['topk_logits'].shape == (8,) + grid + (K,)
+  for key, map_idx in zip(batch['key'], batch['topk_idx']):
+    np.testing.assert_array_equal(map_idx, by_key[key.decode()]['topk_idx'])

@@ -208,9 +208,12 @@ def test_missing_and_extra_label_files(data, capsys):
   assert has_map == {k: k != 'dog/b.png' for k in data['keys']}
 
   # The CLI reports the same failure without --allow-missing, as an exit status.
-  status = labelgen_main.main(['import', '--labels', labels, '--source', data['shards'],
-                               '--out', str(data['base'] / 'maps_cli')])
-  assert status == 1 and 'dog/b.png' in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:
+    labelgen_main.main(['import', '--labels', labels, '--source', data['shards'],
+                        '--out', str(data['base'] / 'maps_cli')])
+  err = capsys.readouterr().err.splitlines()
+  assert exit_info.value.code == 2 and 'dog/b.png' in err[-1]
+  assert err[-1].startswith('python -m labelgen import: error: ')
 
   # Once the file exists, a rerun rewrites the shard that lacked it and keeps the other.
   shutil.copy(os.path.join(data['labels'], 'dog', 'b.pt'), os.path.join(labels, 'dog', 'b.pt'))

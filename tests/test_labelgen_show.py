@@ -102,9 +102,12 @@ def test_show_writes_a_png(data, tmp_path, capsys):
   with Image.open(tmp_path / 'aug.png') as png:
     assert png.size == (side, side + show.HEADER)
 
-  status = labelgen_main.main(['show', '--source', data['shards'], '--shards', data['maps'],
-                               '--index', '4', '--out', str(tmp_path / 'none.png')])
-  assert status == 1 and '--index 4' in capsys.readouterr().err
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    labelgen_main.main(['show', '--source', data['shards'], '--shards', data['maps'],
+                        '--index', '4', '--out', str(tmp_path / 'none.png')])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and '--index 4' in err and len(err.splitlines()) == 1
 
 
 def test_example_without_a_map_shows_its_plain_label(data):

@@ -372,6 +372,34 @@ def test_unknown_variant_and_missing_init_from_are_named():
     load_config('lvvit.py:size=3')
 
 
+def _main(*args, timeout=600):
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_main_reports_a_bad_config_in_one_line_and_verbose_shows_the_traceback(tmp_path):
+  bad = ('--config=configs/nfnet.py:variant=x', f'--workdir={tmp_path}')
+  out = _main(*bad)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.splitlines() == [
+      "main.py: error: configs/nfnet.py: unknown variant 'x'; use one of ['demo', 'f0', 'f1', "
+      "'f2', 'f3', 'f4', 'f5', 'f6', 'f7'] (configs/nfnet.py:variant=f0)."]
+  out = _main(*bad, '--verbose')
+  assert out.returncode != 0 and 'Traceback (most recent call last)' in out.stderr
+  assert "ValueError: configs/nfnet.py: unknown variant 'x'" in out.stderr
+
+
+@pytest.mark.slow
+def test_main_reports_a_missing_init_from_in_one_line(digits_data, tmp_path):
+  out = _main('--config=configs/nfnet.py:variant=demo,runlocal', '--config.mode=eval',
+              '--config.init_from=/no/checkpoint', f'--workdir={tmp_path}',
+              f'--config.data.data_dir={digits_data["data_dir"]}')
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr
+  assert out.stderr.splitlines()[-1].startswith(
+      'main.py: error: lvvit_jax/checkpoints.py: /no/checkpoint does not exist; point it at')
+
+
 def test_recipe_needs_init_from(digits_data, tmp_path, no_compile):
   config = load_config('finetune.py:variant=s', **{'data.data_dir': digits_data['data_dir']})
   with pytest.raises(ValueError, match='this recipe starts from a checkpoint: set '

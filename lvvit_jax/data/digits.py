@@ -4,11 +4,12 @@ The 1,797 8x8 digits ship inside scikit-learn, so nothing is downloaded. Each di
 to a random size and pasted at a random position of a noisy dark canvas (default 64x64), so a
 random crop can miss it: the situation token labeling addresses. The images are written once
 as an ImageFolder of PNGs (`<dir>/images/<split>/<digit>/<n>.png`, splits 'train' (80 %) and
-'validation' (20 %)) and then as TFRecord shards with `sources.write_image_folder_shards`,
-so the demo runs through the same path as any dataset. Everything is a deterministic
+'validation' (20 %)) and then as image-folder TFRecord shards (`image_folder.write_shards`),
+so the demo runs through the same path as any dataset (`sources.get_source` resolves
+'digits' with `ensure`; this module does not import `sources`). Everything is a deterministic
 function of (canvas, seed); a finished directory is reused.
 
-    source = sources.get_source('digits', 'train', data_dir='workdir/data')   # 'digits:96' for 96 px
+    source = sources.get_source('digits', 'train', data_dir='workdir/data')  # 'digits:96': 96 px
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Tuple
 
 import numpy as np
 from PIL import Image
+
+from lvvit_jax.data import image_folder
 
 _FILE = 'lvvit_jax/data/digits.py'
 SPLITS = ('train', 'validation')
@@ -79,7 +82,6 @@ def ensure(data_dir: str, canvas: int = 64, seed: int = 0) -> str:
   Safe to call from several processes at once: every file is written under a temporary name
   and renamed, and the output is a deterministic function of (canvas, seed).
   """
-  from lvvit_jax.data import sources  # pylint: disable=g-import-not-at-top  (cycle)
   base = os.path.join(data_dir, f'digits{canvas}')
   shards = os.path.join(base, 'shards')
   done = os.path.join(base, DONE_FILE)
@@ -88,9 +90,8 @@ def ensure(data_dir: str, canvas: int = 64, seed: int = 0) -> str:
   images = os.path.join(base, 'images')
   write_images(images, canvas, seed)
   for split in SPLITS:
-    sources.write_image_folder_shards(os.path.join(images, split), shards, split=split,
-                                      name=f'digits{canvas}', num_shards=NUM_SHARDS[split],
-                                      seed=seed)
+    image_folder.write_shards(os.path.join(images, split), shards, split=split,
+                              name=f'digits{canvas}', num_shards=NUM_SHARDS[split], seed=seed)
   tmp = f'{done}.{os.getpid()}.tmp'
   with open(tmp, 'w') as f:
     json.dump({'canvas': canvas, 'seed': seed}, f)

@@ -9,7 +9,8 @@ score-map shard made for it. Two kinds of source give the same `ImageSource`:
   TFRecord shards; imagenet2012 is prepared from the user's manual download as usual);
 - a directory written by `write_image_folder_shards` from an ImageFolder tree
   (`root/<class>/<file>.jpg`): TFRecord shards with the original file bytes, the label and the
-  relative path as key, plus `dataset_info.json`.
+  relative path as key, plus `dataset_info.json` (the format: `image_folder.py`); the bundled
+  demo digits (`digits.py`, 'digits' or 'digits:<side>') are such a directory.
 
 Every example has a *key* that labelgen stores next to its score map and the pipeline compares on
 the fly: the `file_name` feature where the dataset has one (imagenet2012, oxford_flowers102,
@@ -17,19 +18,18 @@ image-folder shards), else TFDS's own id `<shard file name>__<position in shard>
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from absl import logging
-import numpy as np
 import tensorflow as tf
 
-IMAGE_FOLDER_INFO = 'dataset_info.json'
-IMAGE_FOLDER_FORMAT = 'lvvit_jax.image_folder_shards'
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+from lvvit_jax.data import digits
+from lvvit_jax.data import image_folder
+
+IMAGE_FOLDER_INFO = image_folder.INFO_FILE
+IMAGE_FOLDER_FORMAT = image_folder.FORMAT
+IMAGE_EXTENSIONS = image_folder.IMAGE_EXTENSIONS
 # Correct classes kept per example of a multi-label feature (a static shape; ImageNet-ReaL's
 # lists are much shorter, TFDS's mock data makes up to a few dozen).
 MAX_LABELS = 32
@@ -178,40 +178,6 @@ def tfds_source(name: str, split: str = 'train', data_dir: Optional[str] = None,
                      multi_label=multi_label)
 
 
-def _image_folder_files(root: str, extensions: Sequence[str]) -> Tuple[List[str], List[str]]:
-  """Sorted class names and sorted relative file paths ('class/file') of an ImageFolder tree."""
-  if not tf.io.gfile.isdir(root):
-    raise ValueError(f'lvvit_jax/data/sources.py: image folder {root} does not exist or is not a directory.')
-  classes = sorted(d for d in tf.io.gfile.listdir(root)
-                   if tf.io.gfile.isdir(os.path.join(root, d)))
-  classes = [c.rstrip('/') for c in classes]
-  if not classes:
-    raise ValueError(f'lvvit_jax/data/sources.py: image folder {root} has no class subdirectories; expected '
-                     'root/<class>/<image>.jpg.')
-  files = []
-  for c in classes:
-    names = sorted(n for n in tf.io.gfile.listdir(os.path.join(root, c))
-                   if n.lower().endswith(tuple(extensions)))
-    files.extend(f'{c}/{n}' for n in names)
-  if not files:
-    raise ValueError(f'lvvit_jax/data/sources.py: image folder {root} has no files ending in {tuple(extensions)}.')
-  return classes, files
-
-
-def _example(encoded: bytes, label: int, key: str) -> bytes:
-  feature = {
-      'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-      'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-      'file_name': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
-  }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
-  """TFDS-style shard file name: '<name>-<split>.tfrecord-00003-of-00016'."""
-  return f'{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}'
-
-
 def write_image_folder_shards(root: str, out_dir: str, *, split: str = 'train',
                               name: Optional[str] = None, num_shards: Optional[int] = None,
                               examples_per_shard: int = 1024, seed: int = 0,
@@ -224,7 +190,7 @@ def write_image_folder_shards(root: str, out_dir: str, *, split: str = 'train',
   output a deterministic function of the tree. Each record has `image` (the file's bytes,
   untouched), `label` and `file_name` ('class/file', the key). `out_dir/dataset_info.json`
   records the classes and, per split, the shards and their counts; writing another split into
-  the same `out_dir` adds it (the classes must agree).
+  the same `out_dir` adds it (the classes must agree). The format: `image_folder.py`.
 
   Args:
     root: the ImageFolder tree.
@@ -238,59 +204,10 @@ def write_image_folder_shards(root: str, out_dir: str, *, split: str = 'train',
     extensions: file name endings taken as images (case-insensitive).
     num_workers: shards written in parallel.
   """
-  classes, files = _image_folder_files(root, extensions)
-  if name is None:
-    base = os.path.basename(os.path.normpath(root))
-    parent = os.path.basename(os.path.dirname(os.path.normpath(root)))
-    name = parent if base in ('train', 'val', 'validation', 'test') and parent else base
-  label_of = {c: i for i, c in enumerate(classes)}
-  order = np.random.default_rng(seed).permutation(len(files))
-  files = [files[i] for i in order]
-  n = len(files)
-  if num_shards is None:
-    num_shards = max(1, -(-n // examples_per_shard))
-  if not 1 <= num_shards <= n:
-    raise ValueError(f'lvvit_jax/data/sources.py: num_shards={num_shards} must lie in [1, {n}] for the {n} images in {root}.')
-  tf.io.gfile.makedirs(out_dir)
-  bounds = np.linspace(0, n, num_shards + 1).round().astype(int)
-
-  def write_shard(i: int) -> ImageShard:
-    path = os.path.join(out_dir, shard_name(name, split, i, num_shards))
-    with tf.io.TFRecordWriter(path + '.incomplete') as w:
-      for rel in files[bounds[i]:bounds[i + 1]]:
-        with tf.io.gfile.GFile(os.path.join(root, rel), 'rb') as f:
-          w.write(_example(f.read(), label_of[rel.split('/')[0]], rel))
-    tf.io.gfile.rename(path + '.incomplete', path, overwrite=True)
-    return ImageShard(path, int(bounds[i + 1] - bounds[i]))
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    shards = tuple(pool.map(write_shard, range(num_shards)))
-
-  info_path = os.path.join(out_dir, IMAGE_FOLDER_INFO)
-  info: Dict[str, Any] = {'format': IMAGE_FOLDER_FORMAT, 'format_version': 1, 'name': name,
-                          'version': '', 'class_names': classes, 'splits': {}}
-  if tf.io.gfile.exists(info_path):
-    old = _read_folder_info(info_path)
-    if old['class_names'] != classes:
-      raise ValueError(f'lvvit_jax/data/sources.py: {info_path} lists other classes than {root}; write each dataset into '
-                       'its own out_dir.')
-    info['splits'] = old['splits']
-  info['splits'][split] = {'shards': [{'file': s.name, 'num_examples': s.num_examples}
-                                      for s in shards], 'root': root}
-  with tf.io.gfile.GFile(info_path, 'w') as f:
-    f.write(json.dumps(info, indent=1) + '\n')
-  logging.info('Wrote %d images of %d classes from %s into %d shards in %s.', n, len(classes),
-               root, num_shards, out_dir)
+  image_folder.write_shards(root, out_dir, split=split, name=name, num_shards=num_shards,
+                            examples_per_shard=examples_per_shard, seed=seed,
+                            extensions=extensions, num_workers=num_workers)
   return image_folder_source(out_dir, split)
-
-
-def _read_folder_info(path: str) -> Dict[str, Any]:
-  with tf.io.gfile.GFile(path, 'r') as f:
-    info = json.loads(f.read())
-  if info.get('format') != IMAGE_FOLDER_FORMAT:
-    raise ValueError(f'lvvit_jax/data/sources.py: {path} is not an image-folder shards description (format '
-                     f'{info.get("format")!r}); write it with sources.write_image_folder_shards.')
-  return info
 
 
 def image_folder_source(shards_dir: str, split: str = 'train') -> ImageSource:
@@ -300,7 +217,7 @@ def image_folder_source(shards_dir: str, split: str = 'train') -> ImageSource:
     raise ValueError(f'lvvit_jax/data/sources.py: {path} does not exist: {shards_dir} was not written by '
                      'lvvit_jax.data.sources.write_image_folder_shards; write it first (or use '
                      'source="tfds:<name>" for a TFDS dataset).')
-  info = _read_folder_info(path)
+  info = image_folder.read_info(path)
   if split not in info['splits']:
     raise ValueError(f'lvvit_jax/data/sources.py: {path} has no split {split!r} (it has {sorted(info["splits"])}); write '
                      'it with write_image_folder_shards(..., split=...).')
@@ -326,7 +243,6 @@ def get_source(source: str, split: str = 'train', data_dir: Optional[str] = None
   if source.startswith('tfds:'):
     return tfds_source(source[len('tfds:'):], split, data_dir, **tfds_kwargs)
   if source == 'digits' or source.startswith('digits:'):
-    from lvvit_jax.data import digits  # pylint: disable=g-import-not-at-top
     if not data_dir:
       raise ValueError(f'lvvit_jax/data/sources.py: source {source!r} is written on first use '
                        'and needs a data_dir to hold it; set data_dir (config.data.data_dir).')

@@ -28,13 +28,14 @@ from typing import Any, Dict
 import jax.numpy as jnp
 
 from lvvit_jax.models import lvvit
+from lvvit_jax.models import nfnet
 from lvvit_jax.models.lvvit import LVViT
 from lvvit_jax.models.lvvit import LVViTConfig
 
 _FILE = 'lvvit_jax/models/__init__.py'
 
 # The registry: one line per family file.
-_FAMILIES = (lvvit,)
+_FAMILIES = (lvvit, nfnet)
 
 MODEL_CONFIGS: Dict[str, Any] = {n: c for f in _FAMILIES for n, c in f.CONFIGS.items()}
 PUBLISHED_TOP1 = {k: v for f in _FAMILIES for k, v in f.PUBLISHED_TOP1.items()}

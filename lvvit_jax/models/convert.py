@@ -6,7 +6,8 @@
 
 The checkpoint is a dict holding the state dict directly or under `state_dict`,
 `state_dict_ema` or `model` (EMA preferred when both are present), keys possibly prefixed with
-`module.`. Every key is accounted for: unexpected or missing keys and shape mismatches raise
+`module.`. A file of another format (or a truncated one) is `CheckpointFileError`. Every key
+is accounted for: unexpected or missing keys and shape mismatches raise
 `CheckpointMismatchError` listing them; nothing is loaded partially.
 
 Overrides: `img_size` different from the checkpoint's resamples the position-embedding grid
@@ -16,6 +17,7 @@ checkpoint. PyTorch is needed here only (lazily imported), never in the model it
 """
 from __future__ import annotations
 
+import pickle
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -30,35 +32,83 @@ from lvvit_jax.models import create_model
 from lvvit_jax.models import get_config
 from lvvit_jax.models.lvvit import dense_init
 
+_FILE = 'lvvit_jax/models/convert.py'
+
 STATE_DICT_KEYS = ('state_dict_ema', 'state_dict', 'model')
 HEAD_KEYS = ('head', 'aux_head')
+_ZIP_MAGIC = b'PK\x03\x04'  # torch.save since torch 1.6
+_PICKLE_MAGIC = b'\x80'      # a pickle of protocol >= 2: torch's legacy format
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint does not fit the model: lists missing/unexpected keys and bad shapes."""
 
 
+class CheckpointFileError(ValueError):
+  """A checkpoint file that cannot be read: another format, truncated or corrupt."""
+
+
+def mismatch_error(header: str, missing: Sequence[str], unexpected: Sequence[str],
+                   bad_shapes: Sequence[str], fix: str,
+                   limit: Optional[int] = None) -> CheckpointMismatchError:
+  """One error listing all that does not fit (each list cut to `limit` entries if given)."""
+  lines = [header]
+  for what, items in (('missing in checkpoint', missing), ('unexpected in checkpoint', unexpected),
+                      ('shape mismatches', bad_shapes)):
+    if items:
+      shown = list(items) if limit is None else list(items)[:limit]
+      more = f' ... and {len(items) - len(shown)} more' if len(shown) < len(items) else ''
+      lines.append(f'{what} ({len(items)}): {shown}{more}')
+  lines.append(fix)
+  return CheckpointMismatchError('\n'.join(lines))
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f'{type(error).__name__}: {text.splitlines()[0]}' if text else type(error).__name__
+
+
 def _torch_load(path: str) -> Mapping[str, Any]:
+  """The object saved in a `torch.save` file; a file of another format is CheckpointFileError."""
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(len(_ZIP_MAGIC))
+  except (FileNotFoundError, IsADirectoryError) as e:
+    raise type(e)(f'{_FILE}: {path} is not a file; give the path of the downloaded checkpoint '
+                  '(e.g. lvvit_s-26M-224-83.3.pth.tar) as --torch-checkpoint.') from None
+  if not (head == _ZIP_MAGIC or head.startswith(_PICKLE_MAGIC)):
+    raise CheckpointFileError(
+        f'{_FILE}: {path} is not a PyTorch checkpoint: neither a zip archive (torch.save) nor a '
+        f'pickle (it starts with {head!r}); give the .pth / .pth.tar file the authors published.')
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        'lvvit_jax/models/convert.py: reading a PyTorch checkpoint needs torch; install the CPU '
+        f'{_FILE}: reading a PyTorch checkpoint needs torch; install the CPU '
         'build (`pip install torch==2.13.0` or `pip install -r requirements-dev.txt`).') from e
   try:  # Tensors and plain containers only: no code from the file runs.
     return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception:  # pylint: disable=broad-except
-    # Training checkpoints also pickle e.g. the argparse Namespace of the run.
-    logging.warning('lvvit_jax/models/convert.py: %s holds more than tensors; loading it with '
-                    'full unpickling (only do this for files you trust).', path)
+  except pickle.UnpicklingError:
+    pass  # A global weights_only does not allow (or a corrupt pickle: the retry says which).
+  except Exception as e:  # pylint: disable=broad-except  (torch raises many kinds)
+    raise CheckpointFileError(f'{_FILE}: {path} cannot be read by torch.load ({_first_line(e)}); '
+                              'the file is truncated or corrupt: copy or download it '
+                              'again.') from None
+  # Training checkpoints also pickle e.g. the argparse Namespace of the run.
+  logging.warning('%s: %s holds more than tensors; loading it with full unpickling (only do '
+                  'this for files you trust).', _FILE, path)
+  try:
     return torch.load(path, map_location='cpu', weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointFileError(f'{_FILE}: {path} cannot be read by torch.load ({_first_line(e)}); '
+                              'the file is truncated, corrupt or not a checkpoint.') from None
 
 
 def extract_state_dict(obj: Mapping[str, Any]) -> Dict[str, np.ndarray]:
   """The flat state dict of a checkpoint object as float32 NumPy arrays, `module.` stripped."""
   if not isinstance(obj, Mapping):
     raise CheckpointMismatchError(
-        f'lvvit_jax/models/convert.py: expected a dict checkpoint, got {type(obj).__name__}.')
+        f'{_FILE}: expected a dict checkpoint, got {type(obj).__name__}.')
   for key in STATE_DICT_KEYS:
     if key in obj and isinstance(obj[key], Mapping):
       obj = obj[key]
@@ -139,7 +189,7 @@ def resample_pos_embed(pos_embed: np.ndarray, new_grid: Tuple[int, int]) -> np.n
   old = int(round(np.sqrt(grid_pos.shape[0])))
   if old * old != grid_pos.shape[0]:
     raise CheckpointMismatchError(
-        f'lvvit_jax/models/convert.py: pos_embed has {grid_pos.shape[0]} grid positions, not a '
+        f'{_FILE}: pos_embed has {grid_pos.shape[0]} grid positions, not a '
         f'square grid; cannot resample.')
   grid_pos = grid_pos.reshape(old, old, -1)
   new = jax.image.resize(jnp.asarray(grid_pos, jnp.float32),
@@ -204,17 +254,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
   missing = sorted(f'{_flax_to_torch_name(k)} (model {"/".join(k)})' for k in expected
                    if k not in found and not (drop_heads and k in heads))
   if missing or unexpected or bad_shapes:
-    lines = [f'lvvit_jax/models/convert.py: checkpoint does not fit {model_name} '
-             f'(img_size={config.img_size}, num_classes={config.num_classes}).']
-    if missing:
-      lines.append(f'missing in checkpoint ({len(missing)}): {missing}')
-    if unexpected:
-      lines.append(f'unexpected in checkpoint ({len(unexpected)}): {unexpected}')
-    if bad_shapes:
-      lines.append(f'shape mismatches ({len(bad_shapes)}): {bad_shapes}')
-    lines.append('Check --model matches the checkpoint; use --num-classes to drop the heads and '
-                 '--img-size to resample the position embedding.')
-    raise CheckpointMismatchError('\n'.join(lines))
+    raise mismatch_error(
+        f'{_FILE}: checkpoint does not fit {model_name} (img_size={config.img_size}, '
+        f'num_classes={config.num_classes}).', missing, unexpected, bad_shapes,
+        'Check --model matches the checkpoint; use --num-classes to drop the heads and '
+        '--img-size to resample the position embedding.')
 
   if drop_heads:
     # Fresh heads for the new class count, initialised as in training (the model's dense_init
@@ -253,8 +297,9 @@ def adapt_variables(variables: Mapping[str, Any], target: Mapping[str, Any],
 
   A position embedding of another grid is resampled to `grid` (bicubic, cls kept); heads of
   another class count (`head_names`: the model's `config.head_names`, LV-ViT's `head` and
-  `aux_head` by default) are left out, for the caller to keep freshly initialised ones. Anything else that differs (a missing or extra variable, another shape)
-  raises `CheckpointMismatchError` listing all of it.
+  `aux_head` by default) are left out, for the caller to keep freshly initialised ones.
+  Anything else that differs (a missing or extra variable, another shape) raises
+  `CheckpointMismatchError` listing all of it.
 
   Returns:
     (the variables to load, nested like `target` but without dropped heads; the '/'-joined
@@ -282,7 +327,7 @@ def adapt_variables(variables: Mapping[str, Any], target: Mapping[str, Any],
   missing = sorted('/'.join(k) for k in want if k not in have)
   unexpected = sorted('/'.join(k) for k in have if k not in want)
   if missing or unexpected or bad:
-    lines = [f'lvvit_jax/models/convert.py: {source} does not fit the model.']
+    lines = [f'{_FILE}: {source} does not fit the model.']
     for what, items in (('missing in the checkpoint', missing), ('not in the model', unexpected),
                         ('shape mismatches', bad)):
       if items:

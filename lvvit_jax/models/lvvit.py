@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lvvit_jax.models import cpu_conv
 from lvvit_jax.token_labeling.mixtoken import mix_tokens
 from lvvit_jax.token_labeling.mixtoken import unmix_tokens
 
@@ -52,6 +53,14 @@ class LVViTConfig:
   conv_stem: bool = True  # False: the plain ViT patchify (one conv patch x patch, stride patch).
   aux_head: bool = True
 
+  def __post_init__(self):
+    # A side that is not a multiple of the patch leaves pixels outside every token (and a
+    # teacher's map would not cover the image it claims to).
+    p, s = self.patch_size, self.img_size
+    if p >= 1 and (s < p or s % p):
+      raise ValueError(f'lvvit_jax/models/lvvit.py: img_size {s} is not a multiple of the patch '
+                       f'size {p}; use e.g. img_size={max(p, s // p * p)}.')
+
   @property
   def grid(self) -> Tuple[int, int]:
     """Token grid (gh, gw) for square `img_size` inputs."""
@@ -82,7 +91,11 @@ def token_grid(img_size: int, patch_size: int, conv_stem: bool = True) -> int:
 
 
 class ConvStem(nn.Module):
-  """7x7/2 conv + BN + ReLU, two 3x3 conv + BN + ReLU, then the `proj` conv to `dim`."""
+  """7x7/2 conv + BN + ReLU, two 3x3 conv + BN + ReLU, then the `proj` conv to `dim`.
+
+  The convs are `nn.Conv`s (parameters `conv1/kernel`, ..., `proj/bias`) lowered on CPU as
+  im2col + matmul (`cpu_conv`): XLA:CPU's native kernel gradient is the step's bottleneck.
+  """
   config: LVViTConfig
   dtype: Dtype = jnp.float32
 
@@ -95,7 +108,7 @@ class ConvStem(nn.Module):
             f'before `proj`), got {c.patch_size}.')
       conv = lambda k, s, p: nn.Conv(  # noqa: E731
           c.stem_channels, (k, k), strides=(s, s), padding=((p, p), (p, p)), use_bias=False,
-          dtype=self.dtype)
+          dtype=self.dtype, conv_general_dilated=cpu_conv.conv_general_dilated)
       self.conv1 = conv(7, 2, 3)
       self.conv2 = conv(3, 1, 1)
       self.conv3 = conv(3, 1, 1)
@@ -105,7 +118,8 @@ class ConvStem(nn.Module):
     else:
       proj_size = c.patch_size
     self.proj = nn.Conv(c.dim, (proj_size, proj_size), strides=(proj_size, proj_size),
-                        padding='VALID', dtype=self.dtype)
+                        padding='VALID', dtype=self.dtype,
+                        conv_general_dilated=cpu_conv.conv_general_dilated)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.config.conv_stem:

@@ -1,10 +1,15 @@
 """Token labeling (SPEC sections 2-5) as pure JAX functions that run inside the jitted step.
 
 `training_loss` (objective.py) joins them: targets from the batch, MixToken, forward, loss.
+CutMix (cutmix.py) is the paper's ablation: the same box law and partners on the pixel grid.
 
 No TensorFlow and no host work here: the input pipeline hands over the untouched top-k score map
 and one affine per example; targets, MixToken and the loss are built on the accelerator.
 """
+from lvvit_jax.token_labeling.cutmix import cell_coverage
+from lvvit_jax.token_labeling.cutmix import cutmix_images
+from lvvit_jax.token_labeling.cutmix import cutmix_targets
+from lvvit_jax.token_labeling.cutmix import sample_cutmix_box
 from lvvit_jax.token_labeling.loss import blend_ground_truth
 from lvvit_jax.token_labeling.loss import soft_cross_entropy
 from lvvit_jax.token_labeling.loss import token_label_loss

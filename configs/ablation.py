@@ -1,0 +1,57 @@
+"""The paper's ablations in small: one arm and seed of `benchmarks/ablation.py` on the demo data.
+
+    python main.py --config configs/ablation.py:arm=token_labeling,seed=1 \\
+        --workdir workdir/ablation/token_labeling/seed_1
+    python main.py --config configs/ablation.py:arm=relabel,runlocal --workdir workdir/smoke
+
+Every arm is the demo's student (`configs/demo.py:stage=student`: the same LV-ViT, steps,
+crops, augmentation and evals) with one setting changed, on the demo's teacher maps
+(`<root>/score_maps`, `make demo` writes them; root=workdir/demo by default):
+
+| arm | labels | dense loss | mix |
+|---|---|---|---|
+| plain_cls | image label, cls only (a ViT as usually trained) | no | MixToken |
+| plain_dense | image label on the cls and every token (the demo's baseline) | 0.5 | MixToken |
+| relabel | the teacher's map pooled over the crop, cls only (ReLabel) | no | MixToken |
+| token_labeling | map pooled over the crop (cls) and over each token's cell | 0.5 | MixToken |
+| tl_cutmix | as token_labeling | 0.5 | CutMix (pixels; targets by area and coverage) |
+| tl_no_mix | as token_labeling | 0.5 | none |
+| vit_plain | a plain ViT (`vit_s`-style at demo size: patchify, no aux head), image label | no | MixToken |
+| vit_tl | the same ViT with an aux head, token labels | 0.5 | MixToken |
+
+`seed` changes the initialisation, the data order and every augmentation draw.
+"""
+import ml_collections
+
+from configs import common
+from configs import demo
+
+ARMS = ('plain_cls', 'plain_dense', 'relabel', 'token_labeling', 'tl_cutmix', 'tl_no_mix',
+        'vit_plain', 'vit_tl')
+_MAPS = ('relabel', 'token_labeling', 'tl_cutmix', 'tl_no_mix', 'vit_tl')
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, arm='token_labeling', seed=0, root='workdir/demo', runlocal=False)
+  if arg.arm not in ARMS:
+    raise ValueError(f'configs/ablation.py: arm={arg.arm!r}; use one of {ARMS}.')
+  c = demo.get_config(f'stage=student,root={arg.root}')
+  c.seed = arg.seed
+  c.mixtoken, c.mix = True, 'mixtoken'
+  c.data.score_maps_dir = f'{arg.root}/score_maps' if arg.arm in _MAPS else None
+  c.dense_weight = 0.0 if arg.arm in ('plain_cls', 'relabel', 'vit_plain') else 0.5
+  if arg.arm == 'tl_cutmix':
+    c.mix = 'cutmix'
+  elif arg.arm == 'tl_no_mix':
+    c.mixtoken = False
+  elif arg.arm.startswith('vit_'):
+    # The ViT baseline's architecture at the demo's size: 8x8 patchify into the same 8x8 token
+    # grid, unscaled residuals, the same width and depth.
+    c.model = 'vit_s'
+    c.model_overrides.update(conv_stem=False, skip_lam=1.0, aux_head=arg.arm == 'vit_tl')
+    del c.model_overrides['stem_channels']
+  if arg.runlocal:  # A smoke run of the arm: the same code path, seconds long.
+    c.model_overrides.depth = 1
+    c.total_steps, c.warmup_steps, c.batch_size = 4, 1, 16
+    c.log_every, c.eval_every, c.checkpoint_every = 2, 4, 4
+  return c

@@ -1,0 +1,52 @@
+"""Learning curves from metrics.jsonl (`lvvit_jax/plots.py`): the x axis, the mean and band."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lvvit_jax import plots
+
+
+def _write_run(workdir, batch, evals):
+  """A metrics.jsonl as the trainer writes it: train rows, then eval rows at some steps."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for step, top1 in evals:
+      f.write(json.dumps({'step': step, 'loss': 1.0, 'images_per_sec': 3.0 * batch,
+                          'step_time': 1 / 3.0}) + '\n')
+      f.write(json.dumps({'step': step, 'eval/val/top1': top1, 'eval/val/top5': 1.0}) + '\n')
+  return str(workdir)
+
+
+def test_curve_is_top1_against_images_seen(tmp_path):
+  w = _write_run(tmp_path / 'a', 64, [(50, 0.25), (100, 0.5)])
+  x, y = plots.eval_curve(w)
+  np.testing.assert_array_equal(x, [3200, 6400])
+  np.testing.assert_allclose(y, [25.0, 50.0])
+
+
+def test_runs_of_one_name_give_mean_and_std(tmp_path):
+  a = _write_run(tmp_path / 'a', 8, [(10, 0.2), (20, 0.6)])
+  b = _write_run(tmp_path / 'b', 8, [(10, 0.4), (20, 1.0)])
+  x, mean, std = plots.mean_curve([a, b])
+  np.testing.assert_array_equal(x, [80, 160])
+  np.testing.assert_allclose(mean, [30.0, 80.0])
+  np.testing.assert_allclose(std, [10.0, 20.0])
+  assert plots.parse_runs([f'tl={a}', f'tl={b}', f'plain={a}']) == {'tl': [a, b], 'plain': [a]}
+  out = plots.plot_curves(plots.parse_runs([f'tl={a}', f'tl={b}', f'plain={a}']),
+                          str(tmp_path / 'c.png'), title='t')
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_runs_evaluated_at_other_points_are_refused(tmp_path):
+  a = _write_run(tmp_path / 'a', 8, [(10, 0.2), (20, 0.6)])
+  b = _write_run(tmp_path / 'b', 8, [(10, 0.4), (30, 1.0)])
+  with pytest.raises(ValueError, match='other points'):
+    plots.mean_curve([a, b])
+  empty = tmp_path / 'c'
+  os.makedirs(empty)
+  (empty / 'metrics.jsonl').write_text(json.dumps({'step': 1, 'loss': 1.0}) + '\n')
+  with pytest.raises(ValueError, match='no training row'):
+    plots.eval_curve(str(empty))

@@ -64,6 +64,8 @@ def _command_line_error(error: Exception, argv: List[str]) -> str:
   """One line for an error raised while parsing the flags (config files load then)."""
   root = _root_cause(error)
   config = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+  if '--config' in argv[:-1]:  # --config FILE
+    config = argv[argv.index('--config') + 1]
   if isinstance(error, flags.Error) and not str(error).startswith('flag --config='):
     # absl's own: an unknown flag, a missing --workdir, a value of the wrong type.
     return f'{cli.one_line(error).rstrip(".")}; see python {PROG} --helpshort.'
@@ -99,6 +101,7 @@ def parse_flags(argv: List[str]) -> List[str]:
 
 
 def run(argv: List[str]) -> None:
+  """Dispatches config.mode (after the multi-process set-up)."""
   if len(argv) > 1:
     raise ValueError(f'unexpected arguments {argv[1:]}; settings go in --config.<key>=<value>.')
   config = FLAGS.config
@@ -125,6 +128,7 @@ def run(argv: List[str]) -> None:
 
 
 def main(argv: List[str]) -> None:
+  """`run`, with the library's bad-setting and file errors as one line (cli.user_errors)."""
   with cli.user_errors(PROG, verbose=FLAGS.verbose):
     run(argv)
 

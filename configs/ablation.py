@@ -16,7 +16,7 @@ crops, augmentation and evals) with one setting changed, on the demo's teacher m
 | token_labeling | map pooled over the crop (cls) and over each token's cell | 0.5 | MixToken |
 | tl_cutmix | as token_labeling | 0.5 | CutMix (pixels; targets by area and coverage) |
 | tl_no_mix | as token_labeling | 0.5 | none |
-| vit_plain | a plain ViT (`vit_s`-style at demo size: patchify, no aux head), image label | no | MixToken |
+| vit_plain | plain ViT (`vit_s`-style at demo size: patchify, no aux), image label | no | MixToken |
 | vit_tl | the same ViT with an aux head, token labels | 0.5 | MixToken |
 
 `seed` changes the initialisation, the data order and every augmentation draw.

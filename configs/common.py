@@ -95,6 +95,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dense_weight = 0.5               # the paper's beta; the released script uses 1.0
   c.smoothing = 0.1
   c.mixtoken = True
+  c.mix = 'mixtoken'                 # with mixtoken: 'mixtoken', 'cutmix' (ablation) or 'none'
   c.ground_truth_blend = False
 
   # Optimisation: AdamW with the decay mask, warm-up + cosine + cool-down, EMA.

@@ -70,7 +70,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict({'val': {'source': 'digits:64', 'split': 'validation'}})
     c.aug.hflip, c.aug.randaug_num_ops, c.aug.erase_prob = 0.0, 1, 0.0
     c.dtype = 'float32'
-    c.batch_size, c.lr = 64, 0.2
+    c.batch_size, c.lr = 64, 0.2     # 8x the linear-scaling lr: a run of minutes
     c.total_steps, c.warmup_steps = 300, 30
     c.ema_decay = 0.99
     c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 100
@@ -80,5 +80,5 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     if arg.variant != 'demo':
       c.model_overrides.depths = (1, 1, 1, 1)
     c.eval_img_size = 80             # trains at 64, evaluates at another size
-    c.lr = 0.2
+    c.lr = 0.2                       # (linear scaling: 0.003 at batch 8)
   return c

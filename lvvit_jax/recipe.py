@@ -87,7 +87,7 @@ def check_eval_model(config: ml_collections.ConfigDict, model, eval_model) -> No
 
 def check_model_settings(config: ml_collections.ConfigDict, model) -> None:
   """The method's settings the model must support (checked before anything compiles)."""
-  if config.mixtoken and not model.config.supports_mixtoken:
+  if config.mixtoken and config.mix == 'mixtoken' and not model.config.supports_mixtoken:
     raise ValueError(f'{_FILE}: config.mixtoken=True but {config.model} has no tokens to mix '
                      '(supports_mixtoken is False); set --config.mixtoken=False.')
 
@@ -99,7 +99,7 @@ def objective_config(config: ml_collections.ConfigDict) -> objective.ObjectiveCo
     dense_weight = 0.5 if config.data.score_maps_dir else 0.0
   return objective.ObjectiveConfig(
       cls_weight=config.cls_weight, dense_weight=dense_weight,
-      smoothing=config.smoothing, mixtoken=config.mixtoken,
+      smoothing=config.smoothing, mixtoken=config.mixtoken, mix=config.mix,
       ground_truth_blend=config.ground_truth_blend)
 
 

@@ -11,8 +11,8 @@ reaches into a module):
   `model.apply(v, images)`                            eval logits (B, K) float32;
   `model.apply(v, images, method='dense_logits')`     (B, h, w, K) float32, the dense annotation
                                                       a teacher writes as a score map;
-  `model.apply(v, images, train=True, mix_box=box, rngs={'dropout': k}, mutable=['batch_stats'])`
-                                                      ((cls (B, K), aux (B, N, K) or None), updates);
+  `model.apply(v, images, train=True, mix_box=box, rngs={'dropout': k},
+              mutable=['batch_stats'])`               ((cls (B, K), aux (B, N, K) or None), updates);
                                                       `mix_box` must be None for a model without
                                                       tokens (`config.supports_mixtoken`);
   `model.config`: a frozen dataclass with `img_size`, `num_classes`, `crop_pct`,
@@ -62,7 +62,8 @@ def create_model(name: str, *, dtype: Any = jnp.float32, **overrides: Any) -> An
 
   Overrides: num_classes, img_size, drop_path_rate and any other field of the family's config
   (LV-ViT: patch_size, where the stem keeps its 7x7/2 and two 3x3 convs and `proj` gets
-  kernel and stride patch_size / 2). `dtype` is the compute dtype (e.g. jnp.bfloat16 or
+  kernel and stride patch_size / 2; NFNet: depths, widths, group_sizes, stem_strides,
+  stage_strides, activation, drop_rate, ...). `dtype` is the compute dtype (e.g. jnp.bfloat16 or
   'bfloat16'); parameters stay float32.
   """
   if isinstance(dtype, str):

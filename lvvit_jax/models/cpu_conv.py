@@ -30,7 +30,7 @@ Pads = Tuple[Tuple[int, int], Tuple[int, int]]
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Inputs with fewer channels get one dot against all kernel positions side by side (im2col):
-# one dot per position would have a tiny output dimension.
+# one dot per position would have a tiny output dimension (and many ops to compile).
 _FEW_CHANNELS = 16
 _force: Optional[bool] = None  # None: by backend; True / False: set by `use_matmul_grad`.
 
@@ -105,17 +105,25 @@ conv_matmul_grad.defvjp(_fwd, _bwd)
 
 def kernel_grad(x: jax.Array, ct: jax.Array, kernel_shape: Sequence[int],
                 strides: Tuple[int, int], pads: Pads, precision=None) -> jax.Array:
-  """d(sum(ct * conv(x, K)))/dK as matmuls, (kh, kw, in, out) like the kernel."""
+  """d(sum(ct * conv(x, K)))/dK as matmuls over batch and output pixels, HWIO like K."""
   kh, kw, cin, cout = kernel_shape
   (sh, sw), (b, oh, ow, _) = strides, ct.shape
+  # The cotangent leads, (out, pixels): its transpose is the smaller operand to copy.
+  dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  if (kh, kw) == (sh, sw) and pads == ((0, 0), (0, 0)):
+    # Patchify (`proj`): the windows tile the input, a reshape puts each under its pixel.
+    x = x[:, :oh * kh, :ow * kw].reshape(b, oh, kh, ow, kw, cin)
+    dk = lax.dot_general(ct, x, (((0, 1, 2), (0, 1, 3)), ((), ())), precision=precision)
+    return dk.transpose(1, 2, 3, 0)  # (out, kh, kw, in) -> HWIO
+  if cin < _FEW_CHANNELS:
+    # One dot against every window position side by side (im2col), ordered (in, kh, kw).
+    cols = lax.conv_general_dilated_patches(x, (kh, kw), strides, pads, dimension_numbers=_NHWC,
+                                            precision=lax.Precision.HIGHEST)
+    dk = lax.dot_general(ct, cols, dims, precision=precision)
+    return dk.reshape(cout, cin, kh, kw).transpose(2, 3, 1, 0)
+  # One dot per kernel position (i, j), against the input pixels it sees: (B, oh, ow, in).
   x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  # Position (i, j) of the kernel sees these input pixels, one per output pixel: (B, oh, ow, in).
   taps = [lax.slice(x, (0, i, j, 0), (b, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, cin),
                     (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-  # The cotangent leads (out, pixels): its transpose is the small operand to copy.
-  dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
-  if cin < _FEW_CHANNELS:
-    dk = lax.dot_general(ct, jnp.concatenate(taps, axis=-1), dims, precision=precision)
-    return dk.reshape(cout, kh, kw, cin).transpose(1, 2, 3, 0)
   dk = jnp.stack([lax.dot_general(ct, t, dims, precision=precision) for t in taps])
   return dk.reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)

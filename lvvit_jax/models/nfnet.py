@@ -11,7 +11,7 @@ Names mirror the Haiku checkpoints so that `NFNet/~/<a>/~/<b>` is the Flax path 
   | Flax path                              | params                 | Haiku module              |
   |----------------------------------------|------------------------|---------------------------|
   | stem_conv0 .. stem_conv3               | kernel, gain, bias     | NFNet/~/stem_conv0 ..     |
-  | nf_block, nf_block_1, ... (global)     | skip_gain ()           | NFNet/~/nf_block_<i>      |
+  | nf_block, nf_block_1, ... (global)     | skip_gain ()           | NFNet/~/nf_block, .._1 .. |
   | <block>/conv0, conv1, conv1b, conv2    | kernel, gain, bias     | .../nf_block/~/conv0 ...  |
   | <block>/conv_shortcut (where present)  | kernel, gain, bias     | .../~/conv_shortcut       |
   | <block>/squeeze_excite/linear{,_1}     | kernel, bias           | .../~/squeeze_excite/~/.. |
@@ -116,7 +116,8 @@ class NFNetConfig:
   def grid(self) -> Tuple[int, int]:
     """(h, w) of the final feature map (and of `dense_logits`) at `img_size`, SAME padding."""
     side = self.img_size
-    for s in tuple(self.stem_strides) + tuple(self.stage_strides):
+    stage_strides = [s for s, d in zip(self.stage_strides, self.depths) if d]  # first blocks
+    for s in tuple(self.stem_strides) + tuple(stage_strides):
       side = _ceil_div(side, s)
     return side, side
 
@@ -254,7 +255,7 @@ class NFNet(nn.Module):
         index += 1
         # A stage's first block resets the expected std, then each block adds alpha^2.
         expected_std = math.sqrt((1.0 if i == 0 else expected_std) ** 2 + c.alpha ** 2)
-    x = WSConv2D(c.final_conv_mult * c.widths[-1], 1, dtype=self.dtype, name='final_conv')(x)
+    x = WSConv2D(c.final_conv_mult * x.shape[-1], 1, dtype=self.dtype, name='final_conv')(x)
     x = act(x)
     head = nn.Dense(c.num_classes, kernel_init=head_init, dtype=self.dtype, name='linear')
     if dense:
@@ -301,12 +302,14 @@ CONFIGS = {
     'nfnet_f5': _variant((6, 12, 36, 18), 416, 544, 0.5),
     'nfnet_f6': _variant((7, 14, 42, 21), 448, 576, 0.5),
     'nfnet_f7': _variant((8, 16, 48, 24), 480, 608, 0.5),
-    # CPU demo (64 px digits, 10 classes): narrow, one block per stage, stem stride 4 and no
-    # stage strides, so the final map is 16x16.
+    # CPU demo (64 px digits, 10 classes): narrow, one block a stage, stem strides (2, 2, 1, 1)
+    # (its 3x3 convs at 16x16, not 32x32) and one strided stage: an 8x8 final map, the LV-ViT
+    # demo's token grid. Group width = block width (dense 3x3 convs): XLA's CPU weight gradient
+    # of a grouped conv is ~10x slower than that of a dense one of the same size.
     'nfnet_demo': NFNetConfig(depths=(1, 1, 1, 1), img_size=64, train_img_size=64,
                               drop_rate=0.0, widths=(32, 64, 128, 128), num_classes=10,
                               crop_pct=1.0, group_sizes=(16, 32, 64, 64), stem_widths=(8, 16, 16),
-                              stage_strides=(1, 1, 1, 1)),
+                              stem_strides=(2, 2, 1, 1), stage_strides=(1, 2, 1, 1)),
 }
 
 # DeepMind's published ImageNet-1k top-1 at the test sizes (F6: trained with SAM).

@@ -1,7 +1,8 @@
 """Throughput and MFU of the trainer's full update step, next to PyTorch doing the same step.
 
     python -m benchmarks.train_step --model lvvit_s --batch 8            # CPU here
-    python -m benchmarks.train_step --preset demo --stem-conv both       # the demo's model
+    python -m benchmarks.train_step --preset demo --stem-channels 64     # the demo's model
+    LVVIT_JAX_XLA_DEFAULTS=0 python -m benchmarks.train_step --preset demo   # XLA's defaults
     python -m benchmarks.train_step --model lvvit_s --batch 256 --dtype bfloat16 --no-torch
 
 The JAX rows time `lvvit_jax.train`'s jitted update step (the one the trainer runs: device
@@ -12,9 +13,9 @@ backward, AdamW with the schedule, EMA) on synthetic data already on the devices
 - `token labels, no augmentation`: float images, the same work as the PyTorch row.
 `--preset demo` is the model of `configs/demo.py` (LV-ViT-T's stem and blocks at 64 px, patch 8,
 4 blocks of dim 128, 10 classes, batch 64) with its recipe; `--stem-channels` overrides the
-stem's width. `--stem-conv` picks the stem convs' kernel gradient (`lvvit_jax/models/
-cpu_conv.py`): `auto` as the trainer does (matmuls on CPU), `xla` (XLA's own), `matmul`, or
-`both` (an xla and a matmul row of each variant).
+stem's width. The header says whether XLA:CPU's YNNPACK fusions are off (lvvit_jax's default,
+`lvvit_jax/__init__.py`); LVVIT_JAX_XLA_DEFAULTS=0 keeps XLA's defaults (the ratio to PyTorch
+before that change: the flag is read once per process, so the two are separate runs).
 MFU = FLOPs of the compiled step (XLA's cost analysis) / step time / the device's peak: the
 datasheet dense peak of known accelerators (--peak-tflops overrides), on CPU the measured rate
 of a large matmul in the same dtype. The PyTorch row is the independent LV-ViT of
@@ -24,6 +25,7 @@ step per round, the rows alternating, `--steps` rounds after `--warmup`: the med
 the rows under the same machine load.
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -35,9 +37,9 @@ from benchmarks.model_step import compiled_flops
 from benchmarks.model_step import time_fn
 from configs import demo as demo_config
 from configs import lvvit as lvvit_config
+import lvvit_jax
 from lvvit_jax import sharding
 from lvvit_jax import train
-from lvvit_jax.models import cpu_conv
 
 # Dense bf16 peaks (TFLOP/s) from the vendors' datasheets, by device_kind prefix.
 PEAK_TFLOPS = {'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA A100': 312.0,
@@ -49,11 +51,6 @@ PRESETS = {'demo': (lambda: demo_config.get_config('stage=baseline'), 64)}
 # Model fields the PyTorch reference (tests/torch_lvvit.py) takes from config.model_overrides.
 TORCH_FIELDS = ('dim', 'depth', 'num_heads', 'mlp_hidden', 'stem_channels', 'skip_lam',
                 'patch_size')
-
-# --stem-conv id -> [(row suffix, matmul kernel gradient forced on / off / None: by backend)].
-STEM_CONV = {'auto': [('', None)], 'xla': [(', xla conv', False)],
-             'matmul': [(', matmul dk', True)],
-             'both': [(', xla conv', False), (', matmul dk', True)]}
 
 
 def measured_matmul_tflops(dtype, n: int = 2048, steps: int = 5) -> float:
@@ -95,7 +92,7 @@ VARIANTS = {'plain': ('plain labels', False, True), 'token': ('token labels', Tr
             'token-noaug': ('token labels, no augmentation', True, False)}
 
 
-def jax_rows(config, batch_size, variants=tuple(VARIANTS), stem_conv='auto'):
+def jax_rows(config, batch_size, variants=tuple(VARIANTS)):
   """[(row name, variant, one-step callable, FLOPs per step)], each step compiled."""
   model = train.build_model(config)
   mesh = sharding.make_mesh()
@@ -114,21 +111,18 @@ def jax_rows(config, batch_size, variants=tuple(VARIANTS), stem_conv='auto'):
     name, maps, augment = VARIANTS[variant]
     batch = sharding.host_to_global(
         synthetic_batch(batch_size, size, config.num_classes, maps=maps, augment=augment), mesh)
-    for suffix, matmul in STEM_CONV[stem_conv]:
-      # A fresh jitted function per lowering: jit caches traces by function, not by switch.
-      step = train.jit_update_step(train.make_update_step(
-          model, tx, schedule, train.objective_config(config), ema_decay=config.ema_decay,
-          augment=train.device_augment_config(config)), shardings, mesh)
-      state = init(rng)
-      with cpu_conv.use_matmul_grad(matmul):
-        compiled = step.lower(state, batch, rng).compile()
-      holder = {'state': state}
+    step = train.jit_update_step(train.make_update_step(
+        model, tx, schedule, train.objective_config(config), ema_decay=config.ema_decay,
+        augment=train.device_augment_config(config)), shardings, mesh)
+    state = init(rng)
+    compiled = step.lower(state, batch, rng).compile()
+    holder = {'state': state}
 
-      def run(compiled=compiled, holder=holder, batch=batch):
-        holder['state'], metrics = compiled(holder['state'], batch, rng)
-        return jax.block_until_ready(metrics)
+    def run(compiled=compiled, holder=holder, batch=batch):
+      holder['state'], metrics = compiled(holder['state'], batch, rng)
+      return jax.block_until_ready(metrics)
 
-      rows.append((name + suffix, variant, run, compiled_flops(compiled)))
+    rows.append((name, variant, run, compiled_flops(compiled)))
   return rows
 
 
@@ -203,7 +197,6 @@ def main():
   p.add_argument('--img-size', type=int, default=224)
   p.add_argument('--num-classes', type=int, default=1000)
   p.add_argument('--stem-channels', type=int, default=None, help='default: the model\'s')
-  p.add_argument('--stem-conv', default='auto', choices=sorted(STEM_CONV))
   p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'])
   p.add_argument('--steps', type=int, default=3, help='timed rounds (medians)')
   p.add_argument('--warmup', type=int, default=1)
@@ -221,7 +214,7 @@ def main():
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
     p.error(f'--variants: unknown {unknown}; use some of {list(VARIANTS)}')
-  rows = jax_rows(config, batch, variants, args.stem_conv)
+  rows = jax_rows(config, batch, variants)
   steps = {'JAX: ' + name: run for name, _, run, _ in rows}
   torch_name = None
   if not args.no_torch:
@@ -234,7 +227,8 @@ def main():
   print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()} | '
         f'{args.preset or args.model}@{config.img_size} batch {batch} stem {stem} | '
         f'compute {dtype} | peak {peak:.2f} TFLOP/s ({how}) | medians of {args.steps} '
-        f'alternating rounds')
+        f'alternating rounds | XLA:CPU YNNPACK fusions '
+        f'{"off" if lvvit_jax.YNN_FLAG in os.environ.get("XLA_FLAGS", "") else "XLA default"}')
   print(f'{"update step":48s} {"images/s":>9s} {"ms/step":>9s} {"TFLOP/step":>11s} {"MFU":>7s}')
   for name, _, _, flops in rows:
     s = t['JAX: ' + name]

@@ -194,3 +194,38 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
     jax.distributed.initialize()
     return True
   return False
+
+
+class AlignedJit:
+  """A jitted function whose first call per argument signature compiles, then waits for peers.
+
+  On CPU, cross-process collectives are gloo's, and the first collective of a program creates
+  its gloo context with a fixed 30 s timeout: a process that finished compiling a big step
+  waits there for a peer still compiling and fails (`Gloo context initialization failed:
+  DEADLINE_EXCEEDED`) when the peer is slower by more than that, e.g. on a loaded machine. So in
+  multi-process runs each new signature is compiled ahead of time and the processes meet at a
+  coordination-service barrier (its own generous timeout) before the program first runs.
+  Single-process runs call the jitted function directly.
+  """
+
+  def __init__(self, jitted, name: str, timeout_s: float = 1800.0):
+    self._jitted, self._name, self._timeout_ms = jitted, name, int(timeout_s * 1000)
+    self._compiled = {}
+
+  def lower(self, *args):
+    return self._jitted.lower(*args)
+
+  def __call__(self, *args):
+    if jax.process_count() == 1:
+      return self._jitted(*args)
+    leaves, treedef = jax.tree.flatten(args)
+    signature = (treedef, tuple((getattr(x, 'shape', None), str(getattr(x, 'dtype', type(x))))
+                                for x in leaves))
+    compiled = self._compiled.get(signature)
+    if compiled is None:
+      compiled = self._jitted.lower(*args).compile()
+      self._compiled[signature] = compiled
+      barrier = f'lvvit_jax:{self._name}:{len(self._compiled)}'
+      from jax._src import distributed  # pylint: disable=g-import-not-at-top  (no public barrier)
+      distributed.global_state.client.wait_at_barrier(barrier, self._timeout_ms)
+    return compiled(*args)

@@ -324,9 +324,9 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
 def jit_update_step(update_step, shardings: TrainState, mesh: jax.sharding.Mesh):
   """`update_step` jitted with the state's shardings, batch sharding, and the state donated."""
   repl = sharding.replicated(mesh)
-  return jax.jit(update_step,
-                 in_shardings=(shardings, sharding.batch_sharding(mesh), repl),
-                 out_shardings=(shardings, repl), donate_argnums=(0,))
+  return sharding.AlignedJit(
+      jax.jit(update_step, in_shardings=(shardings, sharding.batch_sharding(mesh), repl),
+              out_shardings=(shardings, repl), donate_argnums=(0,)), 'update')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,8 +480,9 @@ def make_predict(model, var_shardings: Mapping[str, Any], mesh: jax.sharding.Mes
 
   eval_step = evaluate_lib.make_eval_step(predict)
   repl = sharding.replicated(mesh)
-  return jax.jit(eval_step, in_shardings=(var_shardings, sharding.batch_sharding(mesh), repl),
-                 out_shardings=repl)
+  return sharding.AlignedJit(
+      jax.jit(eval_step, in_shardings=(var_shardings, sharding.batch_sharding(mesh), repl),
+              out_shardings=repl), 'eval')
 
 
 def run_evals(eval_step, variables, splits: Sequence[EvalSplit], mesh) -> Dict[str, float]:

@@ -327,7 +327,7 @@ def test_an_nfnet_teacher_writes_its_classifier_at_every_position(digits_data, t
                               log=io.StringIO(), progress=False)
   manifest, records = _records(out)
   grid = model.config.grid
-  assert manifest.grid == grid == (16, 16) and manifest.k == K
+  assert manifest.grid == grid == (8, 8) and manifest.k == K
   t = manifest.teacher
   assert (t['model'], t['size'], t['crop'], t['dtype']) == ('nfnet_demo', 64, 'centre', 'float32')
   examples = _examples(digits_data['validation'])

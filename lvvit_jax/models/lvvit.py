@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lvvit_jax.models import cpu_conv
 from lvvit_jax.token_labeling.mixtoken import mix_tokens
 from lvvit_jax.token_labeling.mixtoken import unmix_tokens
 
@@ -93,8 +92,8 @@ def token_grid(img_size: int, patch_size: int, conv_stem: bool = True) -> int:
 class ConvStem(nn.Module):
   """7x7/2 conv + BN + ReLU, two 3x3 conv + BN + ReLU, then the `proj` conv to `dim`.
 
-  The convs are `nn.Conv`s (parameters `conv1/kernel`, ..., `proj/bias`) lowered on CPU as
-  im2col + matmul (`cpu_conv`): XLA:CPU's native kernel gradient is the step's bottleneck.
+  The convs are `nn.Conv`s (parameters `conv1/kernel`, ..., `proj/bias`); on CPU their kernel
+  gradients are fast only with YNNPACK's fusions off (`lvvit_jax/__init__.py` sets that).
   """
   config: LVViTConfig
   dtype: Dtype = jnp.float32
@@ -108,7 +107,7 @@ class ConvStem(nn.Module):
             f'before `proj`), got {c.patch_size}.')
       conv = lambda k, s, p: nn.Conv(  # noqa: E731
           c.stem_channels, (k, k), strides=(s, s), padding=((p, p), (p, p)), use_bias=False,
-          dtype=self.dtype, conv_general_dilated=cpu_conv.conv_general_dilated)
+          dtype=self.dtype)
       self.conv1 = conv(7, 2, 3)
       self.conv2 = conv(3, 1, 1)
       self.conv3 = conv(3, 1, 1)
@@ -118,8 +117,7 @@ class ConvStem(nn.Module):
     else:
       proj_size = c.patch_size
     self.proj = nn.Conv(c.dim, (proj_size, proj_size), strides=(proj_size, proj_size),
-                        padding='VALID', dtype=self.dtype,
-                        conv_general_dilated=cpu_conv.conv_general_dilated)
+                        padding='VALID', dtype=self.dtype)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.config.conv_stem:

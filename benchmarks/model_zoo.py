@@ -24,7 +24,8 @@ ROWS = [('lvvit_t', 224), ('lvvit_s', 224), ('lvvit_s', 384), ('lvvit_m', 224),
         ('lvvit_l', 512),
         # NFNets at their test sizes (`nfnets/base.py`), and the CPU demo variant.
         ('nfnet_f0', 256), ('nfnet_f1', 320), ('nfnet_f2', 352), ('nfnet_f3', 416),
-        ('nfnet_f4', 512), ('nfnet_f5', 544), ('nfnet_f6', 576), ('nfnet_demo', 64)]
+        ('nfnet_f4', 512), ('nfnet_f5', 544), ('nfnet_f6', 576), ('nfnet_f7', 608),
+        ('nfnet_demo', 64)]
 LOWERED_ONLY = ('nfnet_',)  # Rows whose FLOPs come from the lowered, uncompiled forward.
 
 

@@ -13,10 +13,12 @@ under `<root>/data` (root: workdir/demo, `root=...` to change it), then go throu
 path: the tf.data iterators, the sharded update step with device augmentation, MixToken and
 the token-labeling loss, Orbax checkpoints (a rerun resumes or skips a finished stage), evals.
 
-Stages (the paper's recipe, small): a `teacher` trained on plain labels; its dense score maps
-(labelgen, in `<root>/score_maps`); a `student` trained with token labels from them; the same
-student trained as a `baseline` on plain labels (MixToken on, the same steps). The model is
-LV-ViT-T's stem and blocks at patch 8 (an 8x8 token grid), 4 blocks narrowed to dim 128.
+Stages (the paper's recipe, small): a `teacher`, a CNN annotator as in the paper (`nfnet_demo`,
+the CPU NFNet), trained on plain labels; its dense score maps (labelgen: its classifier at every
+position of its 8x8 map, in `<root>/score_maps`); a `student` trained with token labels from
+them; the same student trained as a `baseline` on plain labels (MixToken on, the same steps).
+The students are LV-ViT-T's stem and blocks at patch 8 (an 8x8 token grid), 4 blocks narrowed
+to dim 128.
 """
 import ml_collections
 

@@ -15,7 +15,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 # XLA:CPU (jaxlib 0.10) hands convolutions, dots and elementwise fusions to YNNPACK by default;
 # its kernel gradient of a convolution is pathological (3x3, 64 -> 64 at 32x32, batch 64: 1.5 s,
 # where Eigen's takes 0.07 s) and its dots are slower here too. With the fusion list empty XLA
-# uses its own emitters and Eigen: the demo-size LV-ViT's train step (64-channel stem) runs 3.3x
+# uses its own emitters and Eigen: the demo-size LV-ViT's train step (64-channel stem) runs 3-4x
 # faster (`benchmarks/results/train_step_cpu.txt`). JAX reads XLA_FLAGS when it first creates a
 # backend, so this acts when lvvit_jax is imported first (every entry point does). It applies
 # to the jaxlib versions it was measured on (unknown flags abort XLA); a XLA_FLAGS that already

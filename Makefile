@@ -28,6 +28,8 @@ demo: $(STAMP)
 	  --image-size 64 --grid 8 --index 3 --augment --out $(DEMO)/token_labels.png
 	$(PY) -m lvvit_jax.report teacher=$(DEMO)/teacher student=$(DEMO)/student \
 	  baseline=$(DEMO)/baseline
+	$(PY) -m lvvit_jax.plots $(DEMO)/curves.png "student (token labels)=$(DEMO)/student" \
+	  "baseline (plain labels)=$(DEMO)/baseline" --title "make demo: eval top-1 of the two students"
 
 # Test files run in parallel (pytest-xdist, one worker per core up to 4, a file per worker):
 # most of the suite is compilation and process start-up, which one core does at a time.

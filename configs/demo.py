@@ -88,8 +88,6 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.data.score_maps_dir = f'{arg.root}/score_maps'
   if arg.runlocal:
     common.runlocal(c, steps=40)
-    if arg.stage == 'teacher':
-      del c.model_overrides['depth']   # LV-ViT's; the NFNet keeps its one block a stage
     c.batch_size = 16  # The demo's model is small: more and larger steps, the same seconds.
     c.data.source = c.evals.val.source = 'digits:64'
     c.data.data_dir = None

@@ -20,8 +20,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 DEMO ?= workdir/demo
 demo: $(STAMP)
 	$(PY) main.py --config configs/demo.py:stage=teacher,root=$(DEMO) --workdir $(DEMO)/teacher
-	$(PY) -m labelgen generate --teacher $(DEMO)/teacher --source digits:64 --data-dir $(DEMO)/data \
-	  --out $(DEMO)/score_maps --size 64
+	$(PY) -m labelgen generate --teacher $(DEMO)/teacher --no-ema --stitch 2 --source digits:64 \
+	  --data-dir $(DEMO)/data --out $(DEMO)/score_maps --size 64
 	$(PY) main.py --config configs/demo.py:stage=student,root=$(DEMO) --workdir $(DEMO)/student
 	$(PY) main.py --config configs/demo.py:stage=baseline,root=$(DEMO) --workdir $(DEMO)/baseline
 	$(PY) -m labelgen show --source digits:64 --data-dir $(DEMO)/data --shards $(DEMO)/score_maps \

@@ -1,8 +1,8 @@
 """The demo: token labeling end to end on the bundled digits, on a laptop CPU (`make demo`).
 
     python main.py --config configs/demo.py:stage=teacher --workdir workdir/demo/teacher
-    python -m labelgen generate --teacher workdir/demo/teacher --source digits:64 \\
-        --data-dir workdir/demo/data --out workdir/demo/score_maps --size 64
+    python -m labelgen generate --teacher workdir/demo/teacher --no-ema --stitch 2 \\
+        --source digits:64 --data-dir workdir/demo/data --out workdir/demo/score_maps --size 64
     python main.py --config configs/demo.py:stage=student --workdir workdir/demo/student
     python main.py --config configs/demo.py:stage=baseline --workdir workdir/demo/baseline
     python main.py --config configs/demo.py:stage=student,runlocal --workdir workdir/smoke
@@ -15,8 +15,9 @@ the token-labeling loss, Orbax checkpoints (a rerun resumes or skips a finished 
 
 Stages (the paper's recipe, small): a `teacher`, a CNN annotator as in the paper (`nfnet_demo`,
 the CPU NFNet), trained on plain labels; its dense score maps (labelgen: its classifier at every
-position of its 8x8 map, in `<root>/score_maps`); a `student` trained with token labels from
-them; the same student trained as a `baseline` on plain labels (the same steps and crops).
+position, 16x16 from its stride-8 map by shift and stitch, in `<root>/score_maps`); a
+`student` trained with token labels from them; the same student trained as a `baseline` on
+plain labels (the same steps and crops).
 The students are LV-ViT-T's stem and blocks at patch 8 (an 8x8 token grid), 4 blocks narrowed
 to dim 128.
 """
@@ -58,6 +59,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.aug.erase_prob = 0.0
   c.mixtoken = False
   c.eval_ema = False
+  # The release's option: the one-hot label blended into the cls target (half where the map's
+  # top class agrees with the label, a tenth where not). A no-op on plain labels; with the
+  # maps it measured 83.9 % against 78.3 % (seed 0; README "Demo").
+  c.ground_truth_blend = True
   c.batch_size = 64
   c.lr = 1e-3
   c.b2 = 0.99

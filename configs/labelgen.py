@@ -37,6 +37,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.k = 5
   c.batch_size = 64                          # per process; a multiple of its devices
   c.dtype = 'auto'                           # bfloat16 on accelerators, float32 on CPU
+  c.stitch = 1                               # n: maps n times finer (n x n shifted passes)
   if arg.runlocal:
     c.data.source = 'digits:64'
     c.data.split = 'validation'

@@ -11,7 +11,9 @@ Teacher (`labelgen/teacher.py`): any zoo model, from a converted checkpoint, a t
 or one of its step folders (`--no-ema`: a trainer's raw weights), at its img_size or `--size`.
 Its map is the model's `dense_logits` on its `config.grid`: LV-ViT's aux head on the patch
 tokens (size / 16 a side), `vit_s`'s class head on them, an NFNet's classifier at every
-position of its last feature map (size / 32 a side: 18x18 at 576).
+position of its last feature map (size / 32 a side: 18x18 at 576). `--stitch N` makes the map
+N times finer per axis: the teacher runs on N x N copies of each image shifted by fractions of
+its stride and the maps interleave (shift and stitch; e.g. 16x16 from a stride-8 teacher at 64).
 
 Input (`labelgen/inputs.py`): every image of `--source`/`--split` in shard order. `--crop
 resize` (default): the whole image resized to the square input, `map_box` [0, 0, 1, 1];
@@ -134,7 +136,7 @@ def _progress_bar(total: int):
 def generate(teacher: str, source: str, out: str, *, split: str = 'train',
              data_dir: Optional[str] = None, size: Optional[int] = None, crop: str = 'resize',
              k: int = 5, batch_size: int = 64, dtype: str = 'auto', ema: bool = True,
-             num_parallel_calls: int = -1, log: Optional[TextIO] = None,
+             stitch: int = 1, num_parallel_calls: int = -1, log: Optional[TextIO] = None,
              progress: bool = True) -> GenerateSummary:
   """Runs `teacher` densely over a split and writes its top-k score maps into `out`.
 
@@ -150,6 +152,8 @@ def generate(teacher: str, source: str, out: str, *, split: str = 'train',
     batch_size: images per step of this process, a multiple of its device count.
     dtype: 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32' or 'bfloat16'.
     ema: a trainer checkpoint's EMA weights (else the raw ones).
+    stitch: maps `stitch` times finer per axis, from the teacher run on shifted copies of each
+      image (shift and stitch, labelgen/teacher.py; `stitch`^2 forward passes).
     num_parallel_calls: decoding threads (-1: tf.data's AUTOTUNE).
     log: per-shard lines and the summary (stderr when None).
     progress: show a progress bar (tqdm, stderr; process 0).
@@ -167,7 +171,8 @@ def generate(teacher: str, source: str, out: str, *, split: str = 'train',
   dtype = settings.resolve_dtype(dtype)
   devices = jax.local_devices()
   settings.check_batch_size(batch_size, len(devices))
-  model_teacher = teacher_lib.load_teacher(teacher, size=size, ema=ema, dtype=dtype)
+  model_teacher = teacher_lib.load_teacher(teacher, size=size, ema=ema, dtype=dtype,
+                                           stitch=stitch)
   num_classes = model_teacher.num_classes
   settings.check_classes(teacher, num_classes, k)
   src = multihost.open_source(source, split, data_dir)
@@ -271,7 +276,7 @@ def generate_from_config(config: Any, workdir: str) -> GenerateSummary:
   return generate(config.teacher, source, config.out or os.path.join(workdir, 'score_maps'),
                   split=config.data.split, data_dir=data_dir, size=config.size,
                   crop=config.crop, k=config.k, batch_size=config.batch_size,
-                  dtype=config.dtype, ema=config.ema,
+                  dtype=config.dtype, ema=config.ema, stitch=config.stitch,
                   num_parallel_calls=config.data.num_parallel_calls)
 
 
@@ -297,6 +302,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='compute dtype; auto: bfloat16 on accelerators, float32 on CPU')
   parser.add_argument('--ema', default=True, action=argparse.BooleanOptionalAction,
                       help="trainer checkpoints: the EMA weights (default) or the raw ones")
+  parser.add_argument('--stitch', type=int, default=1,
+                      help='maps N times finer per axis: the teacher on N x N copies shifted by '
+                      'fractions of its stride, interleaved (shift and stitch; N^2 passes)')
   parser.add_argument('--workers', type=int, default=-1,
                       help='decoding threads (default: tf.data AUTOTUNE)')
   parser.add_argument('--no-progress', dest='progress', action='store_false',
@@ -322,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
                                           args.process_id)
     generate(args.teacher, args.source, args.out, split=args.split, data_dir=args.data_dir,
              size=args.size, crop=args.crop, k=args.k, batch_size=args.batch,
-             dtype=args.dtype, ema=args.ema, num_parallel_calls=args.workers,
+             dtype=args.dtype, ema=args.ema, stitch=args.stitch,
+             num_parallel_calls=args.workers,
              progress=args.progress)
   return 0
 

@@ -34,12 +34,15 @@ def test_arms_differ_from_the_student_in_their_one_setting(root, digits_data):
   tl = configs['token_labeling']
   assert tl.data.score_maps_dir == f'{root}/score_maps' and tl.dense_weight == 0.5
   assert tl.mixtoken and tl.mix == 'mixtoken'
+  assert student.mixtoken is False
+  unmixed = [a for a in ablation.ARMS if a not in ('token_labeling', 'tl_cutmix')]
+  assert all(configs[a].mixtoken is False for a in unmixed)
+  assert configs['tl_no_mix'].ground_truth_blend == student.ground_truth_blend
   assert configs['plain_cls'].data.score_maps_dir is None
   assert configs['plain_cls'].dense_weight == 0.0
   assert configs['plain_dense'].dense_weight == 0.5
   assert configs['relabel'].data.score_maps_dir and configs['relabel'].dense_weight == 0.0
-  assert configs['tl_cutmix'].mix == 'cutmix'
-  assert not configs['tl_no_mix'].mixtoken
+  assert configs['tl_cutmix'].mixtoken and configs['tl_cutmix'].mix == 'cutmix'
   assert configs['vit_plain'].model == 'vit_s'
   assert not configs['vit_plain'].model_overrides.aux_head
   assert configs['vit_tl'].model_overrides.aux_head
@@ -63,3 +66,18 @@ def test_every_arm_trains_with_runlocal(arm, root, digits_data, tmp_path):
   run = checkpoints.TrainCheckpoints(workdir, read_only=True).run_description(4)
   assert run['model'] == config.model
   assert run['data']['score_maps_dir'] == (config.data.score_maps_dir or '')
+
+
+def test_the_summary_compares_unmixed_arms_with_unmixed_arms():
+  from benchmarks import ablation as bench  # pylint: disable=g-import-not-at-top
+  results = {'plain_dense': [70.0, 72.0], 'relabel': [75.0, 75.0], 'tl_no_mix': [80.0, 82.0],
+             'token_labeling': [40.0, 44.0], 'tl_cutmix': [41.0, 41.0]}
+  text = bench.summary(results, [0, 1])
+  assert '6. token labeling, no mixing (demo student)' in text and '81.0' in text
+  assert 'token labeling > ReLabel (no mixing): holds: 81.0 vs 75.0' in text
+  assert ('token labeling > plain labels + dense loss (no mixing): holds: 81.0 vs 71.0'
+          in text)
+  assert ('MixToken > CutMix (token labeling): holds (within one standard deviation): '
+          '42.0 vs 41.0' in text)
+  assert 'MixToken > no mixing (token labeling): does not hold: 42.0 vs 81.0' in text
+  assert 'ReLabel > plain labels (cls only)' not in text  # plain_cls was not run

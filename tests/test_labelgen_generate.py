@@ -24,6 +24,7 @@ from configs import labelgen as labelgen_config
 from labelgen import __main__ as labelgen_main
 from labelgen import generate
 from labelgen import import_maps
+from labelgen import teacher as teacher_lib
 from lvvit_jax import checkpoints
 from lvvit_jax.data import augment
 from lvvit_jax.data import pipeline
@@ -353,3 +354,62 @@ def test_an_nfnet_teacher_writes_its_classifier_at_every_position(digits_data, t
   assert batch['topk_logits'].shape == (8,) + grid + (K,)
   for key, map_idx in zip(batch['key'], batch['topk_idx']):
     np.testing.assert_array_equal(map_idx, by_key[key.decode()]['topk_idx'])
+
+
+def test_stitch_shifts_put_cells_on_a_finer_grid():
+  """Shift and stitch: fine cell m of a stride-s map is centred at (m + 1/2) s / n."""
+  class Pool:  # A stand-in teacher of stride 8: its 'dense logits' are 8x8 means of channel 0.
+    config = type('Config', (), {'img_size': SIZE, 'grid': (GRID, GRID)})
+
+    @staticmethod
+    def apply(variables, images, method):
+      assert method == 'dense_logits'
+      b = images.shape[0]
+      return images[..., :1].reshape(b, GRID, 8, GRID, 8, 1).mean(axis=(2, 4))
+
+  assert teacher_lib.stitch_shifts(Pool, 2) == ((-2, 2), (-2, 2))
+  assert teacher_lib.stitch_shifts(Pool, 4) == ((-3, -1, 1, 3),) * 2
+  assert teacher_lib.stitch_shifts(Pool, 1) == ((0,), (0,))
+  for bad in (3, 0):
+    with pytest.raises(generate.GenerateError, match='--stitch'):
+      teacher_lib.stitch_shifts(Pool, bad)
+
+  centre = np.broadcast_to((np.arange(SIZE) + 0.5)[:, None], (SIZE, SIZE))
+  by_row = np.repeat(centre[None, :, :, None], 3, -1).astype(np.float32)  # a pixel: its row
+  by_col = by_row.transpose(0, 2, 1, 3).copy()                             # ... its column
+  for n in (1, 2, 4):
+    rows = np.asarray(teacher_lib.stitched_dense_logits(Pool, None, jnp.asarray(by_row), n))
+    cols = np.asarray(teacher_lib.stitched_dense_logits(Pool, None, jnp.asarray(by_col), n))
+    assert rows.shape == (1, GRID * n, GRID * n, 1)
+    want = (np.arange(GRID * n) + 0.5) * 8 / n
+    inner = slice(n, GRID * n - n)  # border cells see repeated edge pixels
+    np.testing.assert_allclose(rows[0, inner, :, 0], np.broadcast_to(want[inner, None],
+                                                                     (GRID * n - 2 * n, GRID * n)))
+    np.testing.assert_allclose(cols[0, :, inner, 0], np.broadcast_to(want[None, inner],
+                                                                     (GRID * n, GRID * n - 2 * n)))
+
+
+def test_stitched_maps_are_the_teacher_on_shifted_copies(folder, teachers, tmp_path):
+  """--stitch 2: a 2x finer map whose cell (2i + a, 2j + c) is token (i, j) of the teacher on
+  the image moved by (shifts[a], shifts[c]) pixels, edges repeated; the manifest records it."""
+  out = str(tmp_path / 'maps')
+  generate.generate(teachers['aux'], folder, out, crop='resize', batch_size=4, stitch=2,
+                    log=io.StringIO(), progress=False)
+  manifest, records = _records(out)
+  assert manifest.grid == (2 * GRID, 2 * GRID) and manifest.teacher['stitch'] == 2
+  good = [e for e in _examples(sources.get_source(folder)) if e['key'] != BROKEN]
+  images = np.stack([_preprocessed(e['encoded'], 'resize') for e in good])
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='edge')
+  fine = np.zeros((len(good), 2 * GRID, 2 * GRID, CLASSES))
+  for a, dy in enumerate((-2, 2)):
+    for c, dx in enumerate((-2, 2)):
+      moved = padded[:, 2 + dy:2 + dy + SIZE, 2 + dx:2 + dx + SIZE]
+      fine[:, a::2, c::2] = _direct_logits(teachers['aux'], moved).reshape(
+          len(good), GRID, GRID, CLASSES)
+  by_key = {r['key']: r for r in records}
+  for e, image_logits in zip(good, fine):
+    _assert_topk(by_key[e['key']], image_logits.reshape(-1, CLASSES), (2 * GRID, 2 * GRID))
+  with pytest.raises(generate.GenerateError, match='--stitch 3'):
+    generate.generate(teachers['aux'], folder, str(tmp_path / 'bad'), stitch=3,
+                      log=io.StringIO(), progress=False)
+  assert not os.path.exists(tmp_path / 'bad')

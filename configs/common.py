@@ -64,6 +64,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_parallel_calls = -1
   c.data.threadpool_size = config_dict.placeholder(int)
   c.data.prefetch = 2
+  c.data.autotune = True             # tf.data autotuning; off in short runs (up to 60 s at exit)
   c.data.on_corrupt = 'skip'
   c.data.log_keys = False            # debugging: WORKDIR/keys/process_<i>.txt, every example read
 
@@ -147,6 +148,7 @@ def runlocal(c: ml_collections.ConfigDict, steps: int = 24) -> ml_collections.Co
   c.data.score_maps_dir = None
   c.data.shuffle_buffer = 256
   c.data.cycle_length = 4
+  c.data.autotune = False  # a finished iterator would wait for the autotuner (PipelineConfig)
   c.evals = ml_collections.ConfigDict()
   c.evals.val = {'source': 'digits', 'split': 'validation'}
   c.img_size = 64

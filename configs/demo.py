@@ -45,6 +45,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.data_dir = f'{arg.root}/data'
   c.data.shuffle_buffer = 2048
   c.data.cycle_length = 8
+  # Without tf.data's autotuner each run ends at once instead of waiting up to a minute for
+  # its model thread (lvvit_jax/data/pipeline.py, PipelineConfig.autotune); same batches.
+  c.data.autotune = False
   c.evals = ml_collections.ConfigDict()
   c.evals.val = {'source': 'digits:64', 'split': 'validation'}
   # Digits are not mirror-symmetric, and small: no flip, no erasing. The regularisers that help

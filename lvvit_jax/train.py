@@ -102,7 +102,7 @@ def pipeline_config(config: ml_collections.ConfigDict, workdir: str, *, source: 
       image_size=image_size or config.img_size, crop_pct=crop_pct, augment=aug,
       seed=config.seed, shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
       num_parallel_calls=d.num_parallel_calls, threadpool_size=d.threadpool_size,
-      prefetch=d.prefetch, process_index=stream, process_count=num_streams_,
+      prefetch=d.prefetch, autotune=d.autotune, process_index=stream, process_count=num_streams_,
       on_corrupt=d.on_corrupt, label_feature=label_feature)
 
 

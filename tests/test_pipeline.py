@@ -172,6 +172,13 @@ def test_deterministic_and_resumable(folder):
   _assert_batches_equal(_take(pipeline.make_train_iterator(cfg, s3), 6), full[3:9])
   _assert_batches_equal(_take(pipeline.make_train_iterator(cfg, s6), 3), full[6:9])
 
+  # Without tf.data's autotuner (short runs: configs/common.py runlocal, the demo) the batches
+  # are the same.
+  untuned = dataclasses.replace(cfg, autotune=False)
+  assert not pipeline.dataset_options(untuned).autotune.enabled
+  assert pipeline.dataset_options(cfg).autotune.enabled
+  _assert_batches_equal(_take(pipeline.make_train_iterator(untuned), 9), full)
+
   other = next(pipeline.make_train_iterator(dataclasses.replace(cfg, seed=4)))
   assert not np.array_equal(other['image'], full[0]['image'])
   assert not np.array_equal(other['aug_seed'], full[0]['aug_seed'])

@@ -77,6 +77,20 @@ def test_every_recipe_trains_with_runlocal(spec, digits_data, tmp_path):
   assert ckpts.all_steps() == [config.checkpoint_every, config.total_steps]
 
 
+def test_short_runs_read_without_the_tf_data_autotuner(digits_data, tmp_path):
+  """runlocal and the demo turn tf.data's autotuner off (a finished iterator waits for its
+  model thread, up to a minute); the recipes keep it. The setting reaches the pipeline."""
+  def train_cfg(config):
+    return train.pipeline_config(config, str(tmp_path), source=config.data.source,
+                                 split='train', batch_size=8, stream=0, num_streams_=1,
+                                 train=True)
+  from lvvit_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  for config in (_runlocal('lvvit.py:variant=t', digits_data),
+                 load_config('demo.py:stage=student')):
+    assert not pipeline.dataset_options(train_cfg(config)).autotune.enabled
+  assert train_cfg(load_config('lvvit.py:variant=s')).autotune
+
+
 # ------------------------------------------------------------------------------------------------
 # Exact resume: a run stopped by SIGTERM and restarted equals one uninterrupted run.
 

@@ -75,6 +75,10 @@ class PipelineConfig:
     num_parallel_calls: parallel reads / decodes (-1: tf.data AUTOTUNE).
     threadpool_size: tf.data private thread pool size (None: TF's default pool).
     prefetch: batches prefetched.
+    autotune: tf.data's autotuning of parallelism and buffers. Its model thread sleeps up to a
+      minute between passes and a finished iterator waits for its next wake-up (TF 2.21:
+      0-60 s at the end of every run), so short runs turn it off; AUTOTUNE parallelism is then
+      the thread pool's size for each op. The batches are the same either way (deterministic).
     process_index: this process (jax.process_index(), passed in by the trainer).
     process_count: number of processes (jax.process_count()).
     on_corrupt: 'skip' (count, warn, go on) or 'fail' (raise naming the image).
@@ -101,6 +105,7 @@ class PipelineConfig:
   num_parallel_calls: int = -1
   threadpool_size: Optional[int] = None
   prefetch: int = 2
+  autotune: bool = True
   process_index: int = 0
   process_count: int = 1
   on_corrupt: str = 'skip'
@@ -142,9 +147,11 @@ def _fold(seed: Sequence[int] | tf.Tensor, *data) -> tf.Tensor:
 
 
 def dataset_options(cfg: PipelineConfig) -> tf.data.Options:
-  """The pipeline's tf.data options: deterministic, one thread per op, cfg's thread pool."""
+  """The pipeline's tf.data options: deterministic, one thread per op, cfg's thread pool and
+  autotuning."""
   options = tf.data.Options()
   options.deterministic = True
+  options.autotune.enabled = cfg.autotune
   options.threading.max_intra_op_parallelism = 1
   if cfg.threadpool_size:
     options.threading.private_threadpool_size = cfg.threadpool_size

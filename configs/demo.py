@@ -64,7 +64,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.eval_ema = False
   # The release's option: the one-hot label blended into the cls target (half where the map's
   # top class agrees with the label, a tenth where not). A no-op on plain labels; with the
-  # maps it measured 83.9 % against 78.3 % (seed 0; README "Demo").
+  # maps it measured 83.9 % against 78.3 % (seed 0) and 86.4 against 83.6 % (seed 1; README).
   c.ground_truth_blend = True
   c.batch_size = 64
   c.lr = 1e-3

@@ -77,7 +77,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.eval_every = 50                 # points for the learning curves (docs/demo_curves.png)
   c.checkpoint_every = 100
   if arg.stage == 'teacher':
-    # The annotator is a CNN, as in the paper: the CPU NFNet (stride 8, an 8x8 map), trained
+    # The annotator is a CNN, as in the paper: the CPU NFNet (stride 8: an 8x8 map, written as
+    # 16x16 maps by `labelgen generate --stitch 2`), trained
     # on plain labels with AdamW (DeepMind's SGD + AGC recipe barely moves it in a run of
     # minutes). Measured (benchmarks/results/demo_teacher_cpu.txt): crops of 60-100 % (smaller
     # ones often miss the digit), batch 32 for 600 steps and the raw weights (EMA lags a short

@@ -79,9 +79,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   if arg.stage == 'teacher':
     # The annotator is a CNN, as in the paper: the CPU NFNet (stride 8: an 8x8 map, written as
     # 16x16 maps by `labelgen generate --stitch 2`), trained on plain labels with AdamW
-    # (DeepMind's SGD + AGC recipe barely moves it in a run of minutes). Measured (benchmarks/results/demo_teacher_cpu.txt): crops of 60-100 % (smaller
-    # ones often miss the digit), batch 32 for 600 steps and the raw weights (EMA lags a short
-    # run) reach 96.7 % in 105 s; crops of 25-100 % 83 %, batch 64 for 300 steps 92 %.
+    # (DeepMind's SGD + AGC recipe barely moves it in a run of minutes). Measured
+    # (benchmarks/results/demo_teacher_cpu.txt): crops of 60-100 % (smaller ones often miss the
+    # digit), batch 32 for 600 steps and the raw weights (EMA lags a short run) reach 96.7 % in
+    # 105 s; crops of 25-100 % 83 %, batch 64 for 300 steps 92 %.
     c.model = 'nfnet_demo'
     c.model_overrides = ml_collections.ConfigDict({'drop_path_rate': 0.0})
     c.decay_mask = 'nfnet'

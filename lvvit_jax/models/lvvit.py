@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lvvit_jax.models import batch_norm
 from lvvit_jax.token_labeling.mixtoken import mix_tokens
 from lvvit_jax.token_labeling.mixtoken import unmix_tokens
 
@@ -111,8 +112,8 @@ class ConvStem(nn.Module):
       self.conv1 = conv(7, 2, 3)
       self.conv2 = conv(3, 1, 1)
       self.conv3 = conv(3, 1, 1)
-      bn = lambda: nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=self.dtype)  # noqa: E731
-      self.bn1, self.bn2, self.bn3 = bn(), bn(), bn()
+      self.bn1, self.bn2, self.bn3 = (
+          batch_norm.BatchNormReLU(BN_MOMENTUM, BN_EPS, dtype=self.dtype) for _ in range(3))
       proj_size = c.patch_size // 2
     else:
       proj_size = c.patch_size
@@ -122,7 +123,7 @@ class ConvStem(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.config.conv_stem:
       for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
-        x = nn.relu(bn(conv(x), use_running_average=not train))
+        x = bn(conv(x), use_running_average=not train)
     return self.proj(x)
 
 

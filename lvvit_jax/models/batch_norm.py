@@ -6,12 +6,12 @@
 statistics), followed by ReLU. Checkpoints and the converter see no difference.
 
 Why: XLA:CPU rewrites every long reduction into reduce-window loops (its tree-reduction pass),
-and `nn.BatchNorm`'s statistics over B*H*W positions per channel become its slowest ops. For
-(64, 32, 32, 64) float32 (the demo's stem) BN + ReLU takes 11 ms forward and 57 ms forward +
-backward that way; with the per-channel sums as batched ones-vector products over chunks of 32
-rows (then a sum of the chunk sums: as accurate as XLA's tree reduction) and the backward written out
-(dx = scale / sigma * (g - mean(g) - x_hat * mean(g * x_hat)) on the ReLU's support), 3 ms and
-40 ms. `lowering()` picks it on the CPU backend only; accelerators keep XLA's reductions, in
+and `nn.BatchNorm`'s statistics over B*H*W positions per channel become its slowest ops: for
+(64, 32, 32, 64) float32 (the demo's stem) BN + ReLU forward + backward takes 24-34 ms that way.
+With the per-channel sums as batched ones-vector products over chunks of 32 rows (then a sum of
+the chunk sums: as accurate as XLA's tree reduction) and the backward written out
+(dx = scale / sigma * (g - mean(g) - x_hat * mean(g * x_hat)) on the ReLU's support): 7-8 ms.
+`lowering()` picks it on the CPU backend only; accelerators keep XLA's reductions, in
 `nn.BatchNorm`'s arithmetic. `LVVIT_JAX_CPU_LOWERING=0` turns it off (tests compare both).
 """
 from __future__ import annotations

@@ -94,7 +94,8 @@ class ConvStem(nn.Module):
   """7x7/2 conv + BN + ReLU, two 3x3 conv + BN + ReLU, then the `proj` conv to `dim`.
 
   The convs are `nn.Conv`s (parameters `conv1/kernel`, ..., `proj/bias`); on CPU their kernel
-  gradients are fast only with YNNPACK's fusions off (`lvvit_jax/__init__.py` sets that).
+  gradients are fast only with YNNPACK's fusions off (`lvvit_jax/__init__.py` sets that). BN +
+  ReLU is `batch_norm.BatchNormReLU`: `nn.BatchNorm`'s variables, with a CPU lowering.
   """
   config: LVViTConfig
   dtype: Dtype = jnp.float32

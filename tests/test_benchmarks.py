@@ -94,3 +94,74 @@ def test_checkpoint_save_benchmark_prints_blocked_and_background_seconds():
                          r'([0-9.]+) s', out, re.M))
   assert set(secs) == {'blocked in the loop', 'in the background', 'whole save'}, out
   assert float(secs['whole save']) > 0, out
+
+
+@pytest.mark.slow
+def test_target_quality_scores_the_maps_and_the_teacher_on_each_crop(digits_data, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lvvit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from lvvit_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  from tests.run_helpers import write_label_maps  # pylint: disable=g-import-not-at-top
+  # Maps whose top class is the label on every cell: every crop's targets name it. A random
+  # teacher at another size and grid (32 px, 4x4) runs on the student's 64 px crops.
+  maps = write_label_maps(digits_data['train'], str(tmp_path / 'maps'), grid=(8, 8), k=3)
+  cfg = dict(img_size=32, num_classes=10, depth=1, patch_size=8, dim=48, num_heads=2,
+             mlp_hidden=96, stem_channels=16)
+  model = create_model('lvvit_t', **cfg)
+  variables = model.init({'params': jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))
+  teacher = str(tmp_path / 'teacher')
+  checkpoints.save_variables(teacher, jax.tree.map(np.asarray, variables), 'lvvit_t', cfg)
+  os.symlink(digits_data['data_dir'], str(tmp_path / 'data'))
+  out = _run('-m', 'benchmarks.target_quality', '--config',
+             f'configs/demo.py:stage=student,root={tmp_path}', '--maps', maps,
+             '--teacher', teacher, '--batches', '2', '--batch-size', '8',
+             '--workdir', str(tmp_path))
+  assert '16 training crops (token grid (8, 8))' in out, out
+  rows = dict((m[0], (float(m[1]), float(m[2]))) for m in re.findall(
+      r'^([a-z()| ]+?) +([0-9.]+) +([0-9.]+)$', out, re.M))
+  assert rows['cls names the label'][0] == 1.0 and rows['tokens name the label'][0] == 1.0, out
+  assert rows['tokens p(label)'][0] > 0.5, out
+  agree = float(re.search(r'maps and the teacher on the crop: ([0-9.]+)$', out, re.M)[1])
+  # The maps always name the label, so the teacher agrees with them exactly where it does.
+  assert agree == rows['tokens name the label'][1], out
+
+
+@pytest.mark.slow
+def test_head_accuracy_splits_the_inference_rule_into_its_heads(digits_data, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from lvvit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from lvvit_jax import recipe  # pylint: disable=g-import-not-at-top
+  config = demo.get_config(f'stage=student,root={tmp_path}')
+  model = recipe.build_eval_model(config)
+  variables = jax.tree.map(np.asarray, model.init({'params': jax.random.key(0)},
+                                                  jnp.zeros((1, 64, 64, 3))))
+  os.symlink(digits_data['data_dir'], str(tmp_path / 'data'))
+  fields = {k: v for k, v in config.model_overrides.items()}
+  fields.update(img_size=64, num_classes=10)
+
+  def top1s(zeroed):
+    params = jax.tree.map(np.copy, variables['params'])
+    params[zeroed] = jax.tree.map(np.zeros_like, params[zeroed])
+    ckpt = str(tmp_path / f'no_{zeroed}')
+    checkpoints.save_variables(ckpt, dict(variables, params=params), config.model, fields)
+    out = _run('-m', 'benchmarks.head_accuracy', '--config',
+               f'configs/demo.py:stage=student,root={tmp_path}', '--checkpoint', ckpt,
+               '--workdir', str(tmp_path))
+    rows = re.findall(r'^val +(.+?) +top-1 +([0-9.]+) % +\(360 examples\)$', out, re.M)
+    assert [r[0] for r in rows] == ['cls + 0.5 * max aux (inference)', 'cls head alone',
+                                    'aux head alone (max over tokens)'], out
+    return [float(r[1]) for r in rows]
+
+  val = digits_data['validation']
+  labels = [int(ex['label']) for i in range(len(val.shards))
+            for ex in val.shard_dataset(i).as_numpy_iterator()]
+  share_of_class_0 = round(100 * labels.count(0) / len(labels), 1)
+  both, cls_alone, aux_alone = top1s('aux_head')  # aux logits all 0: the rule is the cls head
+  assert both == cls_alone and aux_alone == share_of_class_0
+  both, cls_alone, aux_alone = top1s('head')  # cls logits all 0: the rule is the aux max
+  assert both == aux_alone and cls_alone == share_of_class_0

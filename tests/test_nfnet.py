@@ -281,6 +281,29 @@ def test_dense_logits_average_to_the_eval_logits():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_se_ratio_zero_drops_squeeze_excite_and_its_global_context():
+  # The blocks' squeeze-excite gates every position by the image mean; without it a position
+  # sees only its receptive field (127 px for nfnet_demo's layout). At 160 px, pixels in the
+  # top-left corner cannot reach the bottom-right cell without SE, and do with it.
+  images = jax.random.normal(jax.random.key(1), (1, 160, 160, 3))
+  changed = images.at[:, :8, :8].add(5.0)
+  far = {}
+  for se_ratio in (0.5, 0.0):
+    model = create_model('nfnet_demo', **dict(TINY, img_size=160, se_ratio=se_ratio))
+    variables = _init(model, skip_gain=1.0)
+    has_se = any('squeeze_excite' in '/'.join(map(str, k))
+                 for k in flax.traverse_util.flatten_dict(variables['params']))
+    assert has_se == (se_ratio > 0)
+    dense = jax.jit(lambda v, x, m=model: m.apply(v, x, method='dense_logits'))
+    a, b = dense(variables, images), dense(variables, changed)
+    assert a.shape == (1, 20, 20, 10)
+    far[se_ratio] = float(jnp.max(jnp.abs(a[0, -1, -1] - b[0, -1, -1])))
+    assert float(jnp.max(jnp.abs(a[0, 0, 0] - b[0, 0, 0]))) > 1e-3  # the corner cell moves
+  assert far[0.0] == 0.0 and far[0.5] > 1e-4, far
+  with pytest.raises(ValueError, match='se_ratio'):
+    create_model('nfnet_demo', se_ratio=-0.5)
+
+
 def test_stochastic_depth_and_dropout_only_in_training():
   images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
   variables = _init(TINY_MODEL, skip_gain=1.0)  # At init (skip_gain 0) the branches are 0.

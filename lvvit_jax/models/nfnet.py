@@ -86,7 +86,7 @@ class NFNetConfig:
   crop_pct: float = 1.0  # The F variants: the reference's eval crop, size / (size + 32).
   activation: str = 'gelu'
   alpha: float = 0.2
-  se_ratio: float = 0.5
+  se_ratio: float = 0.5  # Squeeze-excite width / block width; 0: no squeeze-excite.
   expansion: float = 0.5
   group_sizes: Tuple[int, ...] = (128, 128, 128, 128)  # Channels per group of the 3x3 convs.
   stem_widths: Tuple[int, ...] = (16, 32, 64)  # stem_conv3 has widths[0] // 2 channels.
@@ -103,6 +103,9 @@ class NFNetConfig:
     if len(self.stem_strides) != len(self.stem_widths) + 1:
       raise ValueError(f'{_FILE}: stem_strides {self.stem_strides} needs one entry per stem '
                        f'conv, len(stem_widths) + 1 = {len(self.stem_widths) + 1}.')
+    if self.se_ratio < 0:
+      raise ValueError(f'{_FILE}: se_ratio {self.se_ratio} is negative; use a ratio of the block '
+                       'width (0.5 in NFNets) or 0 for blocks without squeeze-excite.')
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'{_FILE}: activation {self.activation!r} is not one of '
                        f'{sorted(ACTIVATIONS)}; set config.activation to one of them.')
@@ -218,8 +221,9 @@ class NFBlock(nn.Module):
     out = conv(width, 3, self.stride, groups, 'conv1')(act(out))
     out = conv(width, 3, 1, groups, 'conv1b')(act(out))
     out = conv(self.out_ch, 1, 1, 1, 'conv2')(act(out))
-    hidden = max(1, int(self.out_ch * self.se_ratio))
-    out = (SqueezeExcite(hidden, dtype=self.dtype, name='squeeze_excite')(out) * 2) * out
+    if self.se_ratio > 0:  # se_ratio 0: no squeeze-excite (no global context in the block)
+      hidden = max(1, int(self.out_ch * self.se_ratio))
+      out = (SqueezeExcite(hidden, dtype=self.dtype, name='squeeze_excite')(out) * 2) * out
     if train and 0.0 < self.drop_path < 1.0:
       # Per-example keep mask floor(keep + U[0, 1)), without rescaling by 1 / keep.
       r = jax.random.uniform(self.make_rng('dropout'), (out.shape[0], 1, 1, 1))

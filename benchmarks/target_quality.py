@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     rows['maps'].append(target_stats(cls_t, tok_t, batch['label']))
     if online:
       rows['teacher on the crop'].append(target_stats(*online, batch['label']))
-      rows['agree'].append(np.mean(np.asarray(tok_t).argmax(-1) == np.asarray(online[1]).argmax(-1)))
+      same = np.asarray(tok_t).argmax(-1) == np.asarray(online[1]).argmax(-1)
+      rows['agree'].append(np.mean(same))
   n = args.batches * config.batch_size
   print(f'{args.config}, maps {config.data.score_maps_dir}, {n} training crops '
         f'(token grid {grid_shape(grid)})')

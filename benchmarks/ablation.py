@@ -37,6 +37,7 @@ LABELS = {
     'tl_no_mix': '6. token labeling, no mixing (demo student)',
     'vit_plain': '7a. plain ViT, plain labels',
     'vit_tl': '7b. plain ViT + aux head, token labels',
+    'online': '8. teacher on each crop (online, no mixing)',
 }
 # (Unmixed arms are compared with unmixed arms: only 4 and 5 mix.)
 ORDERINGS = (
@@ -46,6 +47,7 @@ ORDERINGS = (
     ('MixToken > CutMix (token labeling)', 'token_labeling', 'tl_cutmix'),
     ('MixToken > no mixing (token labeling)', 'token_labeling', 'tl_no_mix'),
     ('token labels > plain labels on the plain ViT', 'vit_tl', 'vit_plain'),
+    ('teacher on the crop > stored maps (no mixing)', 'online', 'tl_no_mix'),
 )
 
 

@@ -9,10 +9,10 @@ with its score maps, then the step's device augmentation), computes the step's t
 prints, for the cls target and for the token targets: how often the target's top class is the
 image's label, the mean probability it gives the label, and its mean top probability.
 
-With --teacher, the same for the teacher run on each augmented crop, as online distillation
-would teach (its classifier at every position, `dense_logits`, resized to the student's token
-grid; the cls target from its logits averaged over positions; the same smoothing), and how
-often its token targets agree with the maps'. That separates what the stored maps lose through
+With --teacher, the same for the teacher run on each augmented crop, the targets the trainer's
+online teacher gives (`config.online_teacher`; `token_labeling.crop_targets`: its classifier
+at every position on the student's token grid, the cls target from its logits averaged over
+positions, the same smoothing), and how often its token targets agree with the maps'. That separates what the stored maps lose through
 the crop's geometry from what the teacher itself does not know about a crop.
 Accuracy figures, not timings: safe to run beside other work.
 """
@@ -26,10 +26,11 @@ import numpy as np
 
 from lvvit_jax import augment as device_augment
 from lvvit_jax import recipe
+from lvvit_jax import sharding
 from lvvit_jax import train
 from lvvit_jax.token_labeling import objective
 from lvvit_jax.token_labeling.mixtoken import grid_shape
-from lvvit_jax.token_labeling.targets import smooth_targets
+from lvvit_jax.token_labeling.online import crop_targets
 
 _FILE = 'benchmarks/target_quality.py'
 
@@ -59,18 +60,10 @@ def target_stats(cls_t: jax.Array, tok_t: jax.Array, labels: np.ndarray) -> Dict
   }
 
 
-def teacher_targets(teacher, images: jax.Array, grid, smoothing: float):
-  """(cls (B, K), tokens (B, gh, gw, K)) from the teacher run on the student's crops."""
-  size = teacher.size
-  if images.shape[1:3] != (size, size):
-    images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), 'linear')
-  logits = teacher.model.apply(teacher.variables, images.astype(jnp.float32),
-                               method='dense_logits')
-  gh, gw = grid_shape(grid)
-  b, _, _, k = logits.shape
-  cls = jax.nn.softmax(jnp.mean(logits, axis=(1, 2)), axis=-1)
-  tokens = jax.nn.softmax(jax.image.resize(logits, (b, gh, gw, k), 'linear'), axis=-1)
-  return smooth_targets(cls, smoothing), smooth_targets(tokens, smoothing)
+def teacher_targets(dense_logits, images: jax.Array, grid, smoothing: float):
+  """(cls (B, K), tokens (B, gh, gw, K)) from the teacher run on the student's crops: the
+  targets the trainer's online teacher gives (`token_labeling.crop_targets`)."""
+  return crop_targets(dense_logits(images), grid=grid, smoothing=smoothing)
 
 
 def main(argv=None) -> int:
@@ -105,7 +98,8 @@ def main(argv=None) -> int:
   teacher = None
   if args.teacher:
     from labelgen import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
-    teacher = teacher_lib.load_teacher(args.teacher, ema=args.ema)
+    teacher = train.teacher_dense_logits(teacher_lib.load_teacher(args.teacher, ema=args.ema),
+                                         sharding.make_mesh(-1, 1))
   batches = train.TrainInput(config, args.workdir, train.num_streams(config))
   dtype = getattr(model, 'dtype', jnp.float32)
 

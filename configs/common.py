@@ -98,6 +98,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mixtoken = True
   c.mix = 'mixtoken'                 # with mixtoken: 'mixtoken', 'cutmix' (ablation) or 'none'
   c.ground_truth_blend = False
+  # Online token labeling: a teacher (workdir or converted checkpoint) run on each augmented
+  # crop gives the targets in the step instead of stored score maps (small teachers only:
+  # lvvit_jax/train.py, make_online_teacher). The EMA or raw weights of a trainer workdir.
+  c.online_teacher = config_dict.placeholder(str)
+  c.online_teacher_ema = True
 
   # Optimisation: AdamW with the decay mask, warm-up + cosine + cool-down, EMA.
   c.optimizer = 'adamw'              # or 'sgd' (momentum, nesterov): lvvit_jax/optim.py

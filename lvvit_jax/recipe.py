@@ -93,10 +93,11 @@ def check_model_settings(config: ml_collections.ConfigDict, model) -> None:
 
 
 def objective_config(config: ml_collections.ConfigDict) -> objective.ObjectiveConfig:
-  """The method's settings; dense_weight None = 0.5 with score maps, 0 without."""
+  """The method's settings; dense_weight None = 0.5 with score maps or an online teacher, 0
+  without."""
   dense_weight = config.dense_weight
   if dense_weight is None:
-    dense_weight = 0.5 if config.data.score_maps_dir else 0.0
+    dense_weight = 0.5 if config.data.score_maps_dir or config.get('online_teacher') else 0.0
   return objective.ObjectiveConfig(
       cls_weight=config.cls_weight, dense_weight=dense_weight,
       smoothing=config.smoothing, mixtoken=config.mixtoken, mix=config.mix,

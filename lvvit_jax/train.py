@@ -260,7 +260,8 @@ def _micro_batches(x: jax.Array, k: int) -> jax.Array:
 
 def make_update_step(model, tx: optax.GradientTransformation, schedule,
                      cfg: objective.ObjectiveConfig, *, ema_decay: float = 0.99992,
-                     ema_warmup: bool = False, grad_accum_steps: int = 1, augment=None):
+                     ema_warmup: bool = False, grad_accum_steps: int = 1, augment=None,
+                     teacher=None):
   """The pure update step `(state, batch, rng) -> (state, metrics)`.
 
   A batch from the input pipeline (uint8 `image` with `aug_seed`) is first augmented here, per
@@ -273,7 +274,9 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
   (`optim.ema_decay_at`: with `ema_warmup` the decay ramps up as TF1's). `rng` is the run's
   key; the step folds in its own number, and random bits depend only on an example's row in
   the global batch (the augmentation's only on the example's `aug_seed`), so the result does
-  not depend on how the batch is split across devices.
+  not depend on how the batch is split across devices. `teacher` (`make_online_teacher`), a
+  function of the augmented images to a teacher's dense logits, makes the targets online: the
+  teacher's on each crop instead of the score maps' or the labels.
   """
   augment = augment or device_augment.DeviceAugmentConfig()
 
@@ -284,7 +287,9 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
           batch.pop('image'), batch.pop('aug_seed'), batch['label_affine'], augment,
           getattr(model, 'dtype', jnp.float32))
       batch.update(image=image, label_affine=affine)
-    return objective.training_loss(model, params, batch_stats, batch, rng, cfg)
+    teacher_logits = None if teacher is None else teacher(batch['image'])
+    return objective.training_loss(model, params, batch_stats, batch, rng, cfg,
+                                   teacher_logits=teacher_logits)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -321,6 +326,50 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
   return update_step
 
 
+def make_online_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """`images (B, S, S, 3) -> dense logits (B, h, w, K)` of `config.online_teacher`, or None.
+
+  The teacher (a trainer workdir or converted checkpoint; `config.online_teacher_ema` picks a
+  workdir's EMA or raw weights) runs on the step's augmented images, resized to its own input
+  size when that differs. Its variables are replicated and closed over, so they are constants
+  of the compiled step: meant for small teachers (the demo's has 0.3M parameters); a large one
+  labels once with `labelgen generate` instead.
+  """
+  path = config.get('online_teacher')
+  if not path:
+    return None
+  if config.data.score_maps_dir:
+    raise ValueError(f'{_FILE}: config.online_teacher={path!r} and config.data.score_maps_dir='
+                     f'{config.data.score_maps_dir!r} both give targets; set one of them.')
+  from labelgen import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+  try:
+    teacher = teacher_lib.load_teacher(path, ema=config.online_teacher_ema)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'config.online_teacher: {e}') from e
+  if teacher.num_classes != config.num_classes:
+    raise ValueError(f'{_FILE}: config.online_teacher={path!r} predicts {teacher.num_classes} '
+                     f'classes, config.num_classes is {config.num_classes}; use a teacher of '
+                     'the same classes.')
+  return teacher_dense_logits(teacher, mesh)
+
+
+def teacher_dense_logits(teacher, mesh: jax.sharding.Mesh):
+  """`images -> (B, h, w, K)` of a restored `labelgen.teacher.Teacher`, its variables
+  replicated on `mesh`; images of another size are resized to the teacher's first."""
+  repl = sharding.replicated(mesh)
+  variables = jax.tree.map(lambda v: sharding.put(np.asarray(v, np.float32), repl),
+                           dict(teacher.variables))
+  size = teacher.size
+
+  def dense_logits(images: jax.Array) -> jax.Array:
+    if images.shape[1:3] != (size, size):
+      images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]),
+                                'linear')
+    return teacher.model.apply(variables, images.astype(jnp.float32), method='dense_logits')
+
+  return dense_logits
+
+
 def jit_update_step(update_step, shardings: TrainState, mesh: jax.sharding.Mesh):
   """`update_step` jitted with the state's shardings, batch sharding, and the state donated."""
   repl = sharding.replicated(mesh)
@@ -338,11 +387,14 @@ def run_description(config: ml_collections.ConfigDict, model, streams: int,
   """What a checkpoint belongs to: checked when a run resumes from its workdir."""
   # As its JSON will read back (tuple fields, e.g. an NFNet's depths, become lists).
   model_config = json.loads(json.dumps(dataclasses.asdict(model.config)))
+  data = {'source': config.data.source, 'split': config.data.train_split,
+          'score_maps_dir': config.data.score_maps_dir or '', 'seed': config.seed,
+          'num_streams': streams}
+  if config.get('online_teacher'):  # (absent otherwise: earlier checkpoints still resume)
+    data['online_teacher'] = config.online_teacher
   return {
       'model': config.model, 'model_config': model_config,
-      'data': {'source': config.data.source, 'split': config.data.train_split,
-               'score_maps_dir': config.data.score_maps_dir or '', 'seed': config.seed,
-               'num_streams': streams},
+      'data': data,
       'batch_size': config.batch_size,
       'mesh': {'data': mesh.shape['data'], 'fsdp': mesh.shape['fsdp'],
                'processes': jax.process_count()},
@@ -526,6 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   model, eval_model = build_model(config), build_eval_model(config)
   check_model_settings(config, model)
   check_eval_model(config, model, eval_model)
+  online_teacher = make_online_teacher(config, mesh)  # None without config.online_teacher
   if config.get('init_from_required') and not config.init_from:
     raise ValueError(f'{_FILE}: this recipe starts from a checkpoint: set --config.init_from to '
                      'a converted checkpoint (python -m lvvit_jax.convert) or a trainer workdir.')
@@ -585,7 +638,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       make_update_step(model, tx, schedule, objective_config(config),
                        ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
                        grad_accum_steps=config.grad_accum_steps,
-                       augment=device_augment_config(config)),
+                       augment=device_augment_config(config), teacher=online_teacher),
       shardings, mesh)
   eval_step = make_predict(
       eval_model, {'params': shardings.params, 'batch_stats': shardings.batch_stats}, mesh)

@@ -9,13 +9,16 @@ from lvvit_jax import train
 from lvvit_jax.metrics import read_metrics
 from tests.run_helpers import load_config
 from tests.run_helpers import write_label_maps
+from tests.test_online_targets import _save_teacher
 
 
 @pytest.fixture(scope='module')
 def root(digits_data, tmp_path_factory):
-  """A demo root whose score_maps are synthetic maps of the digits' train split."""
+  """A demo root whose score_maps are synthetic maps of the digits' train split and whose
+  teacher is a random small LV-ViT (32 px: the online arm resizes the crops for it)."""
   out = tmp_path_factory.mktemp('ablation_root')
   write_label_maps(digits_data['train'], str(out / 'score_maps'), grid=(8, 8), k=5)
+  _save_teacher(str(out / 'teacher'))
   return str(out)
 
 
@@ -46,6 +49,11 @@ def test_arms_differ_from_the_student_in_their_one_setting(root, digits_data):
   assert configs['vit_plain'].model == 'vit_s'
   assert not configs['vit_plain'].model_overrides.aux_head
   assert configs['vit_tl'].model_overrides.aux_head
+  online = configs['online']
+  assert online.online_teacher == f'{root}/teacher' and online.online_teacher_ema is False
+  assert online.data.score_maps_dir is None and online.dense_weight == 0.5
+  assert online.ground_truth_blend == student.ground_truth_blend
+  assert all(configs[a].online_teacher is None for a in ablation.ARMS if a != 'online')
   with pytest.raises(ValueError, match='arm=.nope.'):
     ablation.get_config('arm=nope')
 
@@ -66,6 +74,7 @@ def test_every_arm_trains_with_runlocal(arm, root, digits_data, tmp_path):
   run = checkpoints.TrainCheckpoints(workdir, read_only=True).run_description(4)
   assert run['model'] == config.model
   assert run['data']['score_maps_dir'] == (config.data.score_maps_dir or '')
+  assert run['data'].get('online_teacher') == config.online_teacher
 
 
 def test_the_summary_compares_unmixed_arms_with_unmixed_arms():

@@ -2,6 +2,7 @@
 
 `training_loss` (objective.py) joins them: targets from the batch, MixToken, forward, loss.
 CutMix (cutmix.py) is the paper's ablation: the same box law and partners on the pixel grid.
+Online targets (online.py) come from a teacher run on the student's crop instead of stored maps.
 
 No TensorFlow and no host work here: the input pipeline hands over the untouched top-k score map
 and one affine per example; targets, MixToken and the loss are built on the accelerator.
@@ -20,6 +21,8 @@ from lvvit_jax.token_labeling.mixtoken import mix_tokens
 from lvvit_jax.token_labeling.mixtoken import sample_mix_box
 from lvvit_jax.token_labeling.mixtoken import swap_partners
 from lvvit_jax.token_labeling.mixtoken import unmix_tokens
+from lvvit_jax.token_labeling.online import crop_targets
+from lvvit_jax.token_labeling.online import logits_on_grid
 from lvvit_jax.token_labeling.targets import label_targets
 from lvvit_jax.token_labeling.targets import pool_topk_logits
 from lvvit_jax.token_labeling.targets import smooth_targets

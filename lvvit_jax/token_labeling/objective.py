@@ -28,6 +28,7 @@ from lvvit_jax.token_labeling.mixtoken import Grid
 from lvvit_jax.token_labeling.mixtoken import grid_shape
 from lvvit_jax.token_labeling.mixtoken import mix_targets
 from lvvit_jax.token_labeling.mixtoken import sample_mix_box
+from lvvit_jax.token_labeling.online import crop_targets
 from lvvit_jax.token_labeling.targets import label_targets
 from lvvit_jax.token_labeling.targets import token_targets
 
@@ -97,7 +98,8 @@ def batch_targets(batch: Mapping[str, jax.Array], *, grid: Grid, num_classes: in
 
 
 def training_loss(model: Any, params: Any, batch_stats: Any, batch: Mapping[str, jax.Array],
-                  rng: jax.Array, cfg: ObjectiveConfig = ObjectiveConfig()
+                  rng: jax.Array, cfg: ObjectiveConfig = ObjectiveConfig(),
+                  teacher_logits: Optional[jax.Array] = None
                   ) -> Tuple[jax.Array, Tuple[Any, Dict[str, jax.Array]]]:
   """The loss of one training step and (new batch_stats, {'cls', 'dense'} parts).
 
@@ -108,14 +110,21 @@ def training_loss(model: Any, params: Any, batch_stats: Any, batch: Mapping[str,
   then the targets (cls by area, tokens by coverage) after each example's were sampled through
   its own `label_affine`, and runs the model unmixed. Drop path draws from `rng` too; its bits
   depend only on the example's row in the global batch.
+
+  `teacher_logits` (B, h, w, K), a teacher's classifier at every position of `batch['image']`
+  (online token labeling, `online.crop_targets`), replace the targets of the score maps or
+  labels; the ground-truth blend and the mixing apply to them as to the others.
   """
   config = model.config
   grid = config.grid
   num_classes = config.num_classes
   box_rng, drop_rng = jax.random.split(rng)
-  cls_t, tok_t = batch_targets(batch, grid=grid, num_classes=num_classes,
-                               smoothing=cfg.smoothing, samples=cfg.samples,
-                               method=cfg.target_method)
+  if teacher_logits is not None:
+    cls_t, tok_t = crop_targets(teacher_logits, grid=grid, smoothing=cfg.smoothing)
+  else:
+    cls_t, tok_t = batch_targets(batch, grid=grid, num_classes=num_classes,
+                                 smoothing=cfg.smoothing, samples=cfg.samples,
+                                 method=cfg.target_method)
   if cfg.ground_truth_blend:
     ground_truth, _ = label_targets(batch['label'], grid=grid, num_classes=num_classes,
                                     smoothing=cfg.smoothing)

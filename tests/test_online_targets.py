@@ -1,0 +1,117 @@
+"""Online token labeling: targets from a teacher run on the student's own crop.
+
+Facts a user relies on: the cls target is the teacher's prediction for the crop (softmax of its
+logits averaged over positions) and each token's target its logits over that token's cells;
+with such targets `training_loss` is the same loss as with any other targets (a teacher sure of
+the label everywhere gives the plain-label loss); the trainer builds the teacher from
+`config.online_teacher` and refuses ambiguous or mismatched settings.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import demo
+from lvvit_jax import checkpoints
+from lvvit_jax import sharding
+from lvvit_jax import token_labeling as tl
+from lvvit_jax import train
+from lvvit_jax.models import create_model
+from tests.test_cutmix import _variables
+
+K = 10
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _smooth(p, s=0.1):
+  return (p * (1 - s + s / K) + s / K) / (1 + s / K)
+
+
+def test_cls_is_the_teacher_prediction_and_tokens_its_positions_on_the_same_grid():
+  logits = np.random.default_rng(0).normal(0, 3, (2, 8, 8, K)).astype(np.float32)
+  cls, tok = tl.crop_targets(logits, grid=8, smoothing=0.1)
+  np.testing.assert_allclose(cls, _smooth(_softmax(logits.mean((1, 2)))), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(tok, _smooth(_softmax(logits)), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.sum(tok, -1), 1.0, rtol=1e-6)
+
+
+def test_a_finer_teacher_grid_averages_the_positions_each_token_covers():
+  logits = np.random.default_rng(1).normal(0, 3, (2, 16, 12, K)).astype(np.float32)
+  pooled = np.asarray(tl.logits_on_grid(logits, (8, 4)))
+  np.testing.assert_allclose(pooled[:, 3, 2], logits[:, 6:8, 6:9].mean((1, 2)), rtol=1e-5)
+  _, tok = tl.crop_targets(logits, grid=(8, 4), smoothing=0.0)
+  np.testing.assert_allclose(tok, _softmax(pooled), rtol=1e-5, atol=1e-7)
+
+
+def test_a_coarser_teacher_grid_is_resampled_bilinearly():
+  logits = np.random.default_rng(2).normal(0, 3, (1, 4, 4, K)).astype(np.float32)
+  np.testing.assert_allclose(tl.logits_on_grid(logits, 8),
+                             jax.image.resize(logits, (1, 8, 8, K), 'linear'), rtol=1e-6)
+  with pytest.raises(ValueError, match='online.py.*dense_logits must be'):
+    tl.crop_targets(logits[0], grid=8)
+
+
+def test_a_teacher_sure_of_the_label_everywhere_gives_the_plain_label_loss():
+  model = create_model('lvvit_t', img_size=32, patch_size=8, depth=1, dim=32, num_heads=2,
+                       mlp_hidden=64, num_classes=K)
+  b = 4
+  images = np.random.default_rng(3).standard_normal((b, 32, 32, 3)).astype(np.float32)
+  labels = np.array([3, 1, 4, 1])
+  variables = _variables(model, images)
+  sure = 60.0 * np.asarray(jax.nn.one_hot(labels, K))[:, None, None, :] * np.ones((b, 4, 4, 1))
+  cfg = tl.ObjectiveConfig(mixtoken=False, ground_truth_blend=True)
+  batch = {'image': images, 'label': labels}
+  args = (model, variables['params'], variables['batch_stats'], batch, jax.random.key(0), cfg)
+  plain, (_, plain_parts) = tl.training_loss(*args)
+  online, (_, online_parts) = tl.training_loss(*args, teacher_logits=jnp.asarray(sure))
+  np.testing.assert_allclose(online, plain, rtol=1e-5)
+  np.testing.assert_allclose(online_parts['dense'], plain_parts['dense'], rtol=1e-5)
+  # And a teacher that is wrong everywhere changes the loss (the targets are really used; the
+  # random model predicts nearly uniformly, so any target costs about log K).
+  wrong = np.roll(sure, 1, axis=-1)
+  other, _ = tl.training_loss(*args, teacher_logits=jnp.asarray(wrong))
+  assert abs(float(other) - float(plain)) > 1e-2
+
+
+def _save_teacher(path, num_classes=K):
+  cfg = dict(img_size=32, num_classes=num_classes, depth=1, patch_size=8, dim=32, num_heads=2,
+             mlp_hidden=64, stem_channels=16)
+  model = create_model('lvvit_t', **cfg)
+  variables = model.init({'params': jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))
+  return checkpoints.save_variables(path, jax.tree.map(np.asarray, variables), 'lvvit_t', cfg)
+
+
+def test_the_trainer_runs_the_configured_teacher_on_the_crops(tmp_path):
+  teacher = _save_teacher(str(tmp_path / 'teacher'))
+  config = demo.get_config('stage=baseline')
+  mesh = sharding.make_mesh(-1, 1)
+  assert train.make_online_teacher(config, mesh) is None
+  config.online_teacher = teacher
+  dense_logits = train.make_online_teacher(config, mesh)
+  images = jnp.zeros((2, 64, 64, 3))  # the student's size; the teacher runs at its own 32 px
+  assert jax.jit(dense_logits)(images).shape == (2, 4, 4, K)
+  config.data.score_maps_dir = str(tmp_path / 'maps')
+  with pytest.raises(ValueError, match='online_teacher=.*score_maps_dir=.*set one of them'):
+    train.make_online_teacher(config, mesh)
+  config.data.score_maps_dir = None
+  config.online_teacher = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='config.online_teacher: .*nowhere does not exist'):
+    train.make_online_teacher(config, mesh)
+  config.online_teacher = _save_teacher(str(tmp_path / 'other'), num_classes=7)
+  with pytest.raises(ValueError, match='predicts 7 classes, config.num_classes is 10'):
+    train.make_online_teacher(config, mesh)
+
+
+def test_the_dense_weight_defaults_to_the_paper_beta_with_an_online_teacher():
+  from lvvit_jax import recipe  # pylint: disable=g-import-not-at-top
+  config = demo.get_config('stage=baseline')
+  config.dense_weight = None
+  assert recipe.objective_config(config).dense_weight == 0.0
+  config.online_teacher = 'somewhere'
+  assert recipe.objective_config(config).dense_weight == 0.5
+  assert isinstance(config, ml_collections.ConfigDict)

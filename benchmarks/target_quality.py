@@ -12,8 +12,10 @@ image's label, the mean probability it gives the label, and its mean top probabi
 With --teacher, the same for the teacher run on each augmented crop, the targets the trainer's
 online teacher gives (`config.online_teacher`; `token_labeling.crop_targets`: its classifier
 at every position on the student's token grid, the cls target from its logits averaged over
-positions, the same smoothing), and how often its token targets agree with the maps'. That separates what the stored maps lose through
-the crop's geometry from what the teacher itself does not know about a crop.
+positions, the same smoothing), and how often its token targets agree with the maps'. That
+separates what the stored maps lose through the crop's geometry from what the teacher itself
+does not know about a crop. (These agreement figures do not predict a student's accuracy: the
+online targets name the label less often than the maps' and teach far better, README "Demo".)
 Accuracy figures, not timings: safe to run beside other work.
 """
 import argparse

@@ -28,7 +28,6 @@ import numpy as np
 
 from lvvit_jax import augment as device_augment
 from lvvit_jax import recipe
-from lvvit_jax import sharding
 from lvvit_jax import train
 from lvvit_jax.token_labeling import objective
 from lvvit_jax.token_labeling.mixtoken import grid_shape
@@ -100,8 +99,7 @@ def main(argv=None) -> int:
   teacher = None
   if args.teacher:
     from labelgen import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
-    teacher = train.teacher_dense_logits(teacher_lib.load_teacher(args.teacher, ema=args.ema),
-                                         sharding.make_mesh(-1, 1))
+    teacher = train.teacher_dense_logits(teacher_lib.load_teacher(args.teacher, ema=args.ema))
   batches = train.TrainInput(config, args.workdir, train.num_streams(config))
   dtype = getattr(model, 'dtype', jnp.float32)
 

@@ -326,14 +326,14 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
   return update_step
 
 
-def make_online_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def make_online_teacher(config: ml_collections.ConfigDict):
   """`images (B, S, S, 3) -> dense logits (B, h, w, K)` of `config.online_teacher`, or None.
 
   The teacher (a trainer workdir or converted checkpoint; `config.online_teacher_ema` picks a
   workdir's EMA or raw weights) runs on the step's augmented images, resized to its own input
-  size when that differs. Its variables are replicated and closed over, so they are constants
-  of the compiled step: meant for small teachers (the demo's has 0.3M parameters); a large one
-  labels once with `labelgen generate` instead.
+  size when that differs. Its variables are host arrays closed over, so they are constants of
+  the compiled step, the same on every device and process: meant for small teachers (the
+  demo's has 0.3M parameters); a large one labels once with `labelgen generate` instead.
   """
   path = config.get('online_teacher')
   if not path:
@@ -350,15 +350,14 @@ def make_online_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
     raise ValueError(f'{_FILE}: config.online_teacher={path!r} predicts {teacher.num_classes} '
                      f'classes, config.num_classes is {config.num_classes}; use a teacher of '
                      'the same classes.')
-  return teacher_dense_logits(teacher, mesh)
+  return teacher_dense_logits(teacher)
 
 
-def teacher_dense_logits(teacher, mesh: jax.sharding.Mesh):
-  """`images -> (B, h, w, K)` of a restored `labelgen.teacher.Teacher`, its variables
-  replicated on `mesh`; images of another size are resized to the teacher's first."""
-  repl = sharding.replicated(mesh)
-  variables = jax.tree.map(lambda v: sharding.put(np.asarray(v, np.float32), repl),
-                           dict(teacher.variables))
+def teacher_dense_logits(teacher):
+  """`images -> (B, h, w, K)` of a restored `labelgen.teacher.Teacher` (float32 host
+  variables, constants under jit; a jax.Array spanning other processes could not be closed
+  over); images of another size are resized to the teacher's first."""
+  variables = jax.tree.map(lambda v: np.asarray(v, np.float32), dict(teacher.variables))
   size = teacher.size
 
   def dense_logits(images: jax.Array) -> jax.Array:
@@ -578,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   model, eval_model = build_model(config), build_eval_model(config)
   check_model_settings(config, model)
   check_eval_model(config, model, eval_model)
-  online_teacher = make_online_teacher(config, mesh)  # None without config.online_teacher
+  online_teacher = make_online_teacher(config)  # None without config.online_teacher
   if config.get('init_from_required') and not config.init_from:
     raise ValueError(f'{_FILE}: this recipe starts from a checkpoint: set --config.init_from to '
                      'a converted checkpoint (python -m lvvit_jax.convert) or a trainer workdir.')

@@ -14,7 +14,6 @@ import pytest
 
 from configs import demo
 from lvvit_jax import checkpoints
-from lvvit_jax import sharding
 from lvvit_jax import token_labeling as tl
 from lvvit_jax import train
 from lvvit_jax.models import create_model
@@ -89,22 +88,21 @@ def _save_teacher(path, num_classes=K):
 def test_the_trainer_runs_the_configured_teacher_on_the_crops(tmp_path):
   teacher = _save_teacher(str(tmp_path / 'teacher'))
   config = demo.get_config('stage=baseline')
-  mesh = sharding.make_mesh(-1, 1)
-  assert train.make_online_teacher(config, mesh) is None
+  assert train.make_online_teacher(config) is None
   config.online_teacher = teacher
-  dense_logits = train.make_online_teacher(config, mesh)
+  dense_logits = train.make_online_teacher(config)
   images = jnp.zeros((2, 64, 64, 3))  # the student's size; the teacher runs at its own 32 px
   assert jax.jit(dense_logits)(images).shape == (2, 4, 4, K)
   config.data.score_maps_dir = str(tmp_path / 'maps')
   with pytest.raises(ValueError, match='online_teacher=.*score_maps_dir=.*set one of them'):
-    train.make_online_teacher(config, mesh)
+    train.make_online_teacher(config)
   config.data.score_maps_dir = None
   config.online_teacher = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='config.online_teacher: .*nowhere does not exist'):
-    train.make_online_teacher(config, mesh)
+    train.make_online_teacher(config)
   config.online_teacher = _save_teacher(str(tmp_path / 'other'), num_classes=7)
   with pytest.raises(ValueError, match='predicts 7 classes, config.num_classes is 10'):
-    train.make_online_teacher(config, mesh)
+    train.make_online_teacher(config)
 
 
 def test_the_dense_weight_defaults_to_the_paper_beta_with_an_online_teacher():

@@ -61,12 +61,6 @@ def target_stats(cls_t: jax.Array, tok_t: jax.Array, labels: np.ndarray) -> Dict
   }
 
 
-def teacher_targets(dense_logits, images: jax.Array, grid, smoothing: float):
-  """(cls (B, K), tokens (B, gh, gw, K)) from the teacher run on the student's crops: the
-  targets the trainer's online teacher gives (`token_labeling.crop_targets`)."""
-  return crop_targets(dense_logits(images), grid=grid, smoothing=smoothing)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m benchmarks.target_quality',
                                    description=__doc__.splitlines()[0])
@@ -96,10 +90,11 @@ def main(argv=None) -> int:
   grid, num_classes = model.config.grid, model.config.num_classes
   cfg = recipe.objective_config(config)
   augment = train.device_augment_config(config)
-  teacher = None
+  teacher_logits = None  # images -> dense logits, as the trainer's online teacher runs it
   if args.teacher:
     from labelgen import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
-    teacher = train.teacher_dense_logits(teacher_lib.load_teacher(args.teacher, ema=args.ema))
+    teacher_logits = train.teacher_dense_logits(
+        teacher_lib.load_teacher(args.teacher, ema=args.ema))
   batches = train.TrainInput(config, args.workdir, train.num_streams(config))
   dtype = getattr(model, 'dtype', jnp.float32)
 
@@ -112,7 +107,9 @@ def main(argv=None) -> int:
     maps = objective.batch_targets(batch, grid=grid, num_classes=num_classes,
                                    smoothing=cfg.smoothing, samples=cfg.samples,
                                    method=cfg.target_method)
-    online = teacher_targets(teacher, image, grid, cfg.smoothing) if teacher else None
+    online = None
+    if teacher_logits is not None:  # the targets the trainer's online teacher gives
+      online = crop_targets(teacher_logits(image), grid=grid, smoothing=cfg.smoothing)
     return maps, online
 
   rows = {'maps': [], 'teacher on the crop': [], 'agree': []}

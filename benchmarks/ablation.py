@@ -38,6 +38,7 @@ LABELS = {
     'vit_plain': '7a. plain ViT, plain labels',
     'vit_tl': '7b. plain ViT + aux head, token labels',
     'online': '8. teacher on each crop (online, no mixing)',
+    'online_in_place': '9. teacher on each crop in place (source scale, rest masked)',
 }
 # (Unmixed arms are compared with unmixed arms: only 4 and 5 mix.)
 ORDERINGS = (
@@ -48,6 +49,7 @@ ORDERINGS = (
     ('MixToken > no mixing (token labeling)', 'token_labeling', 'tl_no_mix'),
     ('token labels > plain labels on the plain ViT', 'vit_tl', 'vit_plain'),
     ('teacher on the crop > stored maps (no mixing)', 'online', 'tl_no_mix'),
+    ('teacher on the crop in place (no context) > stored maps', 'online_in_place', 'tl_no_mix'),
 )
 
 

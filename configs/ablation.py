@@ -20,12 +20,15 @@ student and baseline are `tl_no_mix` and `plain_dense` at seed 0.
 | vit_plain | plain ViT (`vit_s`-style at demo size: patchify, no aux), image label | no | none |
 | vit_tl | the same ViT with an aux head, token labels | 0.5 | none |
 | online | `<root>/teacher` run on each crop: mean logits (cls), logits per token | 0.5 | none |
+| online_in_place | the same teacher on each crop in place (source scale, the rest masked), pooled as a map | 0.5 | none |
 
 The students mix nothing unless the arm is about mixing: at 300 steps MixToken costs the demo's
 students tens of points (README "Demo"), which would bury every other difference.
 The arms with maps or the online teacher inherit the demo student's `ground_truth_blend`.
 `online` is online token labeling: the targets come from the teacher on the student's own crop
-(`config.online_teacher`), not from its score maps of the whole image.
+(`config.online_teacher`), not from its score maps of the whole image. `online_in_place` keeps
+the maps' scale and pooling but shows the teacher only the crop (`online_teacher_view`): with
+`online` and `tl_no_mix` it separates what a crop's surroundings and its scale do to targets.
 `seed` changes the initialisation, the data order and every augmentation draw.
 """
 import ml_collections
@@ -34,7 +37,7 @@ from configs import common
 from configs import demo
 
 ARMS = ('plain_cls', 'plain_dense', 'relabel', 'token_labeling', 'tl_cutmix', 'tl_no_mix',
-        'vit_plain', 'vit_tl', 'online')
+        'vit_plain', 'vit_tl', 'online', 'online_in_place')
 _MAPS = ('relabel', 'token_labeling', 'tl_cutmix', 'tl_no_mix', 'vit_tl')
 
 
@@ -47,8 +50,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.mixtoken, c.mix = arg.arm in ('token_labeling', 'tl_cutmix'), 'mixtoken'
   c.data.score_maps_dir = f'{arg.root}/score_maps' if arg.arm in _MAPS else None
   c.dense_weight = 0.0 if arg.arm in ('plain_cls', 'relabel', 'vit_plain') else 0.5
-  if arg.arm == 'online':  # The teacher's raw weights, as labelgen --no-ema reads them.
+  if arg.arm.startswith('online'):  # The teacher's raw weights, as labelgen --no-ema reads them.
     c.online_teacher, c.online_teacher_ema = f'{arg.root}/teacher', False
+    c.online_teacher_view = 'in_place' if arg.arm == 'online_in_place' else 'crop'
   if arg.arm == 'tl_cutmix':
     c.mix = 'cutmix'
   elif arg.arm.startswith('vit_'):

@@ -103,6 +103,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # lvvit_jax/train.py, make_online_teacher). The EMA or raw weights of a trainer workdir.
   c.online_teacher = config_dict.placeholder(str)
   c.online_teacher_ema = True
+  # What it sees: 'crop' (the student's crop, resized to its input) or 'in_place' (the crop at
+  # its place and the source's scale, the rest masked; an ablation of a crop's context).
+  c.online_teacher_view = 'crop'
 
   # Optimisation: AdamW with the decay mask, warm-up + cosine + cool-down, EMA.
   c.optimizer = 'adamw'              # or 'sgd' (momentum, nesterov): lvvit_jax/optim.py

@@ -39,6 +39,7 @@ from lvvit_jax import checkpoints
 from lvvit_jax import evaluate as evaluate_lib
 from lvvit_jax import optim
 from lvvit_jax import sharding
+from lvvit_jax import token_labeling
 from lvvit_jax.models import convert
 # The config's pieces (re-exported: `train.build_model` etc. are the trainer's API).
 from lvvit_jax.recipe import build_eval_model
@@ -275,8 +276,8 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
   key; the step folds in its own number, and random bits depend only on an example's row in
   the global batch (the augmentation's only on the example's `aug_seed`), so the result does
   not depend on how the batch is split across devices. `teacher` (`make_online_teacher`), a
-  function of the augmented images to a teacher's dense logits, makes the targets online: the
-  teacher's on each crop instead of the score maps' or the labels.
+  function of the augmented images and their `label_affine` to a teacher's dense logits, makes
+  the targets online: the teacher's on each crop instead of the score maps' or the labels.
   """
   augment = augment or device_augment.DeviceAugmentConfig()
 
@@ -287,7 +288,8 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
           batch.pop('image'), batch.pop('aug_seed'), batch['label_affine'], augment,
           getattr(model, 'dtype', jnp.float32))
       batch.update(image=image, label_affine=affine)
-    teacher_logits = None if teacher is None else teacher(batch['image'])
+    teacher_logits = (None if teacher is None
+                      else teacher(batch['image'], batch['label_affine']))
     return objective.training_loss(model, params, batch_stats, batch, rng, cfg,
                                    teacher_logits=teacher_logits)
 
@@ -326,18 +328,28 @@ def make_update_step(model, tx: optax.GradientTransformation, schedule,
   return update_step
 
 
+ONLINE_VIEWS = ('crop', 'in_place')
+
+
 def make_online_teacher(config: ml_collections.ConfigDict):
-  """`images (B, S, S, 3) -> dense logits (B, h, w, K)` of `config.online_teacher`, or None.
+  """`(images (B, S, S, 3), label_affine (B, 2, 3)) -> dense logits (B, h, w, K)` of
+  `config.online_teacher`, or None.
 
   The teacher (a trainer workdir or converted checkpoint; `config.online_teacher_ema` picks a
   workdir's EMA or raw weights) runs on the step's augmented images, resized to its own input
-  size when that differs. Its variables are host arrays closed over, so they are constants of
-  the compiled step, the same on every device and process: meant for small teachers (the
-  demo's has 0.3M parameters); a large one labels once with `labelgen generate` instead.
+  size when that differs (`config.online_teacher_view='crop'`, the default), or on each crop put
+  back in place at the source's scale, everything around it masked, its logits pooled over
+  the crop as a stored map's (`'in_place'`, an ablation: `token_labeling.online`). Its variables
+  are host arrays closed over, so they are constants of the compiled step, the same on every
+  device and process: meant for small teachers (the demo's has 0.3M parameters); a large one
+  labels once with `labelgen generate` instead.
   """
   path = config.get('online_teacher')
   if not path:
     return None
+  view = config.get('online_teacher_view', 'crop')
+  if view not in ONLINE_VIEWS:
+    raise ValueError(f'{_FILE}: config.online_teacher_view={view!r}; use one of {ONLINE_VIEWS}.')
   if config.data.score_maps_dir:
     raise ValueError(f'{_FILE}: config.online_teacher={path!r} and config.data.score_maps_dir='
                      f'{config.data.score_maps_dir!r} both give targets; set one of them.')
@@ -350,7 +362,15 @@ def make_online_teacher(config: ml_collections.ConfigDict):
     raise ValueError(f'{_FILE}: config.online_teacher={path!r} predicts {teacher.num_classes} '
                      f'classes, config.num_classes is {config.num_classes}; use a teacher of '
                      'the same classes.')
-  return teacher_dense_logits(teacher)
+  dense_logits = teacher_dense_logits(teacher)
+  if view == 'crop':
+    return lambda images, label_affine: dense_logits(images)
+
+  def in_place(images, label_affine):
+    canvas = token_labeling.in_place_canvas(images, label_affine, teacher.size)
+    return token_labeling.in_place_logits(dense_logits(canvas), label_affine)
+
+  return in_place
 
 
 def teacher_dense_logits(teacher):
@@ -391,6 +411,8 @@ def run_description(config: ml_collections.ConfigDict, model, streams: int,
           'num_streams': streams}
   if config.get('online_teacher'):  # (absent otherwise: earlier checkpoints still resume)
     data['online_teacher'] = config.online_teacher
+    if config.get('online_teacher_view', 'crop') != 'crop':
+      data['online_teacher_view'] = config.online_teacher_view
   return {
       'model': config.model, 'model_config': model_config,
       'data': data,

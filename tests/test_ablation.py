@@ -53,7 +53,12 @@ def test_arms_differ_from_the_student_in_their_one_setting(root, digits_data):
   assert online.online_teacher == f'{root}/teacher' and online.online_teacher_ema is False
   assert online.data.score_maps_dir is None and online.dense_weight == 0.5
   assert online.ground_truth_blend == student.ground_truth_blend
-  assert all(configs[a].online_teacher is None for a in ablation.ARMS if a != 'online')
+  assert online.online_teacher_view == 'crop'
+  in_place = configs['online_in_place']
+  assert in_place.online_teacher_view == 'in_place'
+  assert in_place.online_teacher == online.online_teacher and in_place.dense_weight == 0.5
+  assert all(configs[a].online_teacher is None for a in ablation.ARMS
+             if not a.startswith('online'))
   with pytest.raises(ValueError, match='arm=.nope.'):
     ablation.get_config('arm=nope')
 
@@ -75,6 +80,8 @@ def test_every_arm_trains_with_runlocal(arm, root, digits_data, tmp_path):
   assert run['model'] == config.model
   assert run['data']['score_maps_dir'] == (config.data.score_maps_dir or '')
   assert run['data'].get('online_teacher') == config.online_teacher
+  assert run['data'].get('online_teacher_view') == ('in_place' if arm == 'online_in_place'
+                                                    else None)
 
 
 def test_the_summary_compares_unmixed_arms_with_unmixed_arms():

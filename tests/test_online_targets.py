@@ -4,7 +4,9 @@ Facts a user relies on: the cls target is the teacher's prediction for the crop 
 logits averaged over positions) and each token's target its logits over that token's cells;
 with such targets `training_loss` is the same loss as with any other targets (a teacher sure of
 the label everywhere gives the plain-label loss); the trainer builds the teacher from
-`config.online_teacher` and refuses ambiguous or mismatched settings.
+`config.online_teacher` and refuses ambiguous or mismatched settings. The ablation's second
+view puts each crop back in place on a masked canvas (pixels where the crop was cut from, the
+crop's mean colour elsewhere) and pools the teacher's logits over the crop as a map's.
 """
 import jax
 import jax.numpy as jnp
@@ -92,7 +94,14 @@ def test_the_trainer_runs_the_configured_teacher_on_the_crops(tmp_path):
   config.online_teacher = teacher
   dense_logits = train.make_online_teacher(config)
   images = jnp.zeros((2, 64, 64, 3))  # the student's size; the teacher runs at its own 32 px
-  assert jax.jit(dense_logits)(images).shape == (2, 4, 4, K)
+  affine = jnp.tile(jnp.float32([[0.5, 0, 0.25], [0, 0.5, 0.5]]), (2, 1, 1))
+  assert jax.jit(dense_logits)(images, affine).shape == (2, 4, 4, K)
+  config.online_teacher_view = 'in_place'
+  assert jax.jit(train.make_online_teacher(config))(images, affine).shape == (2, 4, 4, K)
+  config.online_teacher_view = 'whole'
+  with pytest.raises(ValueError, match="online_teacher_view='whole'; use one of"):
+    train.make_online_teacher(config)
+  config.online_teacher_view = 'crop'
   config.data.score_maps_dir = str(tmp_path / 'maps')
   with pytest.raises(ValueError, match='online_teacher=.*score_maps_dir=.*set one of them'):
     train.make_online_teacher(config)
@@ -113,3 +122,41 @@ def test_the_dense_weight_defaults_to_the_paper_beta_with_an_online_teacher():
   config.online_teacher = 'somewhere'
   assert recipe.objective_config(config).dense_weight == 0.5
   assert isinstance(config, ml_collections.ConfigDict)
+
+
+def _ramp(size):
+  """(1, size, size, 3): channel 0 = row centre, 1 = column centre, 2 = their sum (normalised)."""
+  c = (np.arange(size, dtype=np.float32) + 0.5) / size
+  y, x = np.meshgrid(c, c, indexing='ij')
+  return np.stack([y, x, y + x], -1)[None]
+
+
+def test_in_place_puts_each_crop_back_where_it_was_cut_and_masks_the_rest():
+  source = _ramp(64)
+  # The crop of rows [16, 48) and columns [8, 40) of the source, resized to 64 px: on a linear
+  # image the bilinear resize is exact away from the edges, and so is sampling it back.
+  crop = np.asarray(jax.image.resize(source[:, 16:48, 8:40], (1, 64, 64, 3), 'linear'))
+  affine = np.float32([[[0.5, 0, 0.25], [0, 0.5, 0.125]]])
+  canvas = np.asarray(tl.in_place_canvas(crop, affine, 64))
+  np.testing.assert_allclose(canvas[0, 17:47, 9:39], source[0, 17:47, 9:39], atol=1e-5)
+  outside = np.ones((64, 64), bool)
+  outside[16:48, 8:40] = False
+  np.testing.assert_allclose(canvas[0][outside], np.broadcast_to(crop.mean((1, 2)), (
+      outside.sum(), 3)), atol=1e-6)
+  # The identity affine gives the image back, at the teacher's size too.
+  np.testing.assert_allclose(tl.in_place_canvas(source, np.float32([[[1, 0, 0], [0, 1, 0]]]),
+                                                64), source, atol=1e-6)
+  with pytest.raises(ValueError, match='online.py: label_affine must be'):
+    tl.in_place_canvas(source, np.zeros((1, 3, 3), np.float32), 64)
+
+
+def test_in_place_logits_pool_the_canvas_map_over_the_crop():
+  # Logits linear in the canvas row: each crop token's pooled logit is the row of its centre.
+  k = 3
+  rows = (np.arange(8, dtype=np.float32) + 0.5) / 8
+  logits = np.broadcast_to(rows[None, :, None, None] * np.float32([1, 2, -1]), (1, 8, 8, k))
+  affine = np.float32([[[0.5, 0, 0.25], [0, 0.5, 0.25]]])  # the middle half of the canvas
+  tokens = np.asarray(tl.in_place_logits(jnp.asarray(logits), affine))
+  centres = 0.25 + 0.5 * rows  # source rows of the crop's token centres
+  expected = np.broadcast_to(centres[None, :, None, None] * np.float32([1, 2, -1]), (1, 8, 8, k))
+  np.testing.assert_allclose(tokens, expected, atol=1e-5)

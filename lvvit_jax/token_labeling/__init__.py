@@ -22,6 +22,8 @@ from lvvit_jax.token_labeling.mixtoken import sample_mix_box
 from lvvit_jax.token_labeling.mixtoken import swap_partners
 from lvvit_jax.token_labeling.mixtoken import unmix_tokens
 from lvvit_jax.token_labeling.online import crop_targets
+from lvvit_jax.token_labeling.online import in_place_canvas
+from lvvit_jax.token_labeling.online import in_place_logits
 from lvvit_jax.token_labeling.online import logits_on_grid
 from lvvit_jax.token_labeling.targets import label_targets
 from lvvit_jax.token_labeling.targets import pool_topk_logits

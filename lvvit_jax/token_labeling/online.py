@@ -11,6 +11,13 @@ the student sees, nothing outside its crop.
 Resampling to the token grid (gh, gw): none when the teacher's grid is the token grid; the mean
 of each block when it is a whole multiple (the logits of the positions a token covers); else
 bilinear (`jax.image.resize`).
+
+A second view, for the ablation that separates the crop's context from its scale
+(`config.online_teacher_view='in_place'`): `in_place_canvas` puts each crop back where it was
+cut from, at the source image's scale, on a canvas of the crop's mean colour, and
+`in_place_logits` pools the teacher's logits on that canvas over the crop as the stored maps
+are pooled (`targets.pool_topk_logits`). The teacher then sees what the crop holds, as online,
+at the scale a stored map sees it, with nothing of the image around it.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import jax.numpy as jnp
 
 from lvvit_jax.token_labeling.mixtoken import Grid
 from lvvit_jax.token_labeling.mixtoken import grid_shape
+from lvvit_jax.token_labeling.targets import pool_topk_logits
 from lvvit_jax.token_labeling.targets import smooth_targets
 
 _FILE = 'lvvit_jax/token_labeling/online.py'
@@ -55,3 +63,46 @@ def crop_targets(dense_logits: jax.Array, *, grid: Grid,
   cls = jax.nn.softmax(jnp.mean(logits, axis=(1, 2)), axis=-1)
   tokens = jax.nn.softmax(logits_on_grid(logits, grid), axis=-1)
   return smooth_targets(cls, smoothing), smooth_targets(tokens, smoothing)
+
+
+def in_place_canvas(images: jax.Array, label_affine: jax.Array, size: int) -> jax.Array:
+  """(B, size, size, C) canvases of the source images' frame with each crop where it was cut.
+
+  Args:
+    images: (B, H, W, C) the student's (augmented) crops.
+    label_affine: (B, 2, 3) each crop's map from its normalised (y, x, 1) to the source's.
+    size: the canvas side (the teacher's input size).
+
+  A canvas pixel inside its crop samples the crop bilinearly at the source point of the pixel's
+  centre; every pixel outside it is the crop's mean colour.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  b, h, w, c = images.shape
+  label_affine = jnp.asarray(label_affine, jnp.float32)
+  if label_affine.shape != (b, 2, 3):
+    raise ValueError(f'{_FILE}: label_affine must be ({b}, 2, 3), got {label_affine.shape}.')
+  centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
+  source = jnp.stack(jnp.meshgrid(centres, centres, indexing='ij'), -1)  # (S, S, 2) = (y, x)
+  offset = source[None] - label_affine[:, None, None, :, 2]
+  crop = jnp.einsum('bij,bhwj->bhwi', jnp.linalg.inv(label_affine[:, :, :2]), offset)
+  inside = jnp.all((crop >= 0.0) & (crop <= 1.0), axis=-1)
+  rows, cols = crop[..., 0] * h - 0.5, crop[..., 1] * w - 0.5
+
+  def sample(image, rows, cols):
+    return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., i], [rows, cols], order=1,
+                                                        mode='nearest') for i in range(c)], -1)
+
+  canvas = jax.vmap(sample)(images, rows, cols)
+  fill = jnp.mean(images, axis=(1, 2))[:, None, None, :]
+  return jnp.where(inside[..., None], canvas, fill)
+
+
+def in_place_logits(canvas_logits: jax.Array, label_affine: jax.Array) -> jax.Array:
+  """The teacher's (B, h, w, K) logits on `in_place_canvas` pooled over each crop: (B, h, w, K)
+  on the crop's own grid of the same size, as a stored map of the canvas is pooled."""
+  b, h, w, k = canvas_logits.shape
+  classes = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), canvas_logits.shape)
+  whole = jnp.tile(jnp.float32([0.0, 0.0, 1.0, 1.0]), (b, 1))
+  _, tokens = pool_topk_logits(canvas_logits, classes, whole, label_affine, grid=(h, w),
+                               num_classes=k, samples=2)
+  return tokens

@@ -38,7 +38,7 @@ LABELS = {
     'vit_plain': '7a. plain ViT, plain labels',
     'vit_tl': '7b. plain ViT + aux head, token labels',
     'online': '8. teacher on each crop (online, no mixing)',
-    'online_in_place': '9. teacher on each crop in place (source scale, rest masked)',
+    'online_in_place': '9. teacher on each crop in place (rest masked)',
 }
 # (Unmixed arms are compared with unmixed arms: only 4 and 5 mix.)
 ORDERINGS = (

@@ -20,7 +20,7 @@ student and baseline are `tl_no_mix` and `plain_dense` at seed 0.
 | vit_plain | plain ViT (`vit_s`-style at demo size: patchify, no aux), image label | no | none |
 | vit_tl | the same ViT with an aux head, token labels | 0.5 | none |
 | online | `<root>/teacher` run on each crop: mean logits (cls), logits per token | 0.5 | none |
-| online_in_place | the same teacher on each crop in place (source scale, the rest masked), pooled as a map | 0.5 | none |
+| online_in_place | that teacher on each crop in place (source scale, rest masked), as a map | 0.5 | none |
 
 The students mix nothing unless the arm is about mixing: at 300 steps MixToken costs the demo's
 students tens of points (README "Demo"), which would bury every other difference.

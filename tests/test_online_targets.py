@@ -143,7 +143,7 @@ def test_in_place_puts_each_crop_back_where_it_was_cut_and_masks_the_rest():
   outside[16:48, 8:40] = False
   np.testing.assert_allclose(canvas[0][outside], np.broadcast_to(crop.mean((1, 2)), (
       outside.sum(), 3)), atol=1e-6)
-  # The identity affine gives the image back, at the teacher's size too.
+  # The identity affine gives the image back.
   np.testing.assert_allclose(tl.in_place_canvas(source, np.float32([[[1, 0, 0], [0, 1, 0]]]),
                                                 64), source, atol=1e-6)
   with pytest.raises(ValueError, match='online.py: label_affine must be'):

@@ -160,3 +160,24 @@ def test_in_place_logits_pool_the_canvas_map_over_the_crop():
   centres = 0.25 + 0.5 * rows  # source rows of the crop's token centres
   expected = np.broadcast_to(centres[None, :, None, None] * np.float32([1, 2, -1]), (1, 8, 8, k))
   np.testing.assert_allclose(tokens, expected, atol=1e-5)
+
+
+def test_a_map_of_every_class_pools_as_the_same_map_stored_as_top_k():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 2, (2, 8, 8, 4)).astype(np.float32)
+  classes = np.broadcast_to(np.arange(4, dtype=np.int32), logits.shape)
+  box = np.float32([[0, 0, 1, 1], [0.1, 0.0, 0.9, 1.0]])
+  affine = np.float32([[[0.5, 0, 0.2], [0, 0.6, 0.1]], [[0.3, 0, 0.6], [0, -0.4, 0.9]]])
+  want = tl.pool_topk_logits(logits, classes, box, affine, grid=(4, 6), num_classes=4)
+  got = tl.pool_dense_logits(logits, box, affine, grid=(4, 6))
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_canvas_can_be_another_size_than_the_crop():
+  source = _ramp(32)
+  crop = np.asarray(jax.image.resize(source[:, 8:24, 4:20], (1, 64, 64, 3), 'linear'))
+  affine = np.float32([[[0.5, 0, 0.25], [0, 0.5, 0.125]]])
+  canvas = np.asarray(tl.in_place_canvas(crop, affine, 32))
+  assert canvas.shape == (1, 32, 32, 3)
+  np.testing.assert_allclose(canvas[0, 9:23, 5:19], source[0, 9:23, 5:19], atol=1e-5)

@@ -12,7 +12,7 @@ edge of the first pixel and 1 the bottom/right edge of the last; pixel j of n is
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +74,8 @@ def compose(a: jax.Array, b: jax.Array) -> jax.Array:
   return a[:, 0:1] * b[0:1, :] + a[:, 1:2] * b[1:2, :] + a[:, 2:3] * b[2:3, :]
 
 
-def warp_affine(image: jax.Array, matrix: jax.Array,
-                fill: Sequence[float] = FILL) -> jax.Array:
+def warp_affine(image: jax.Array, matrix: jax.Array, fill: Sequence[float] = FILL,
+                out_hw: Optional[Tuple[int, int]] = None) -> jax.Array:
   """Warps `image` (H, W, C) by an output->input affine, as PIL's AFFINE BILINEAR transform.
 
   The output pixel centred at p = (i + 0.5, j + 0.5) takes the bilinear sample of `image` at
@@ -83,13 +83,15 @@ def warp_affine(image: jax.Array, matrix: jax.Array,
   neighbours floor(y) + {0, 1}, floor(x) + {0, 1} are clamped to the image and interpolated
   first along x, then along y, in PIL's order of operations. Where q lies outside
   [0, H) x [0, W) the pixel takes `fill`. The result is not rounded (`pil_warp` truncates it,
-  as PIL does). The output has the input's size; the identity matrix returns `image` exactly.
+  as PIL does). The output has the input's size unless `out_hw` gives another; the identity
+  matrix returns `image` exactly.
   """
   image = jnp.asarray(image, jnp.float32)
   h, w, channels = image.shape
+  out_h, out_w = out_hw or (h, w)
   m = jnp.asarray(matrix, jnp.float32)
-  ys = jnp.arange(h, dtype=jnp.float32)[:, None] + 0.5
-  xs = jnp.arange(w, dtype=jnp.float32)[None, :] + 0.5
+  ys = jnp.arange(out_h, dtype=jnp.float32)[:, None] + 0.5
+  xs = jnp.arange(out_w, dtype=jnp.float32)[None, :] + 0.5
   src_y = m[0, 0] * ys + m[0, 1] * xs + m[0, 2]
   src_x = m[1, 0] * ys + m[1, 1] * xs + m[1, 2]
   inside = (src_y >= 0) & (src_y < h) & (src_x >= 0) & (src_x < w)

@@ -26,6 +26,7 @@ from lvvit_jax.token_labeling.online import in_place_canvas
 from lvvit_jax.token_labeling.online import in_place_logits
 from lvvit_jax.token_labeling.online import logits_on_grid
 from lvvit_jax.token_labeling.targets import label_targets
+from lvvit_jax.token_labeling.targets import pool_dense_logits
 from lvvit_jax.token_labeling.targets import pool_topk_logits
 from lvvit_jax.token_labeling.targets import smooth_targets
 from lvvit_jax.token_labeling.targets import token_targets

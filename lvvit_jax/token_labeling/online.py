@@ -16,7 +16,7 @@ A second view, for the ablation that separates the crop's context from its scale
 (`config.online_teacher_view='in_place'`): `in_place_canvas` puts each crop back where it was
 cut from, at the source image's scale, on a canvas of the crop's mean colour, and
 `in_place_logits` pools the teacher's logits on that canvas over the crop as the stored maps
-are pooled (`targets.pool_topk_logits`). The teacher then sees what the crop holds, as online,
+are pooled (`targets.pool_dense_logits`). The teacher then sees what the crop holds, as online,
 at the scale a stored map sees it, with nothing of the image around it.
 """
 from __future__ import annotations
@@ -26,9 +26,10 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from lvvit_jax.augment import geometry
 from lvvit_jax.token_labeling.mixtoken import Grid
 from lvvit_jax.token_labeling.mixtoken import grid_shape
-from lvvit_jax.token_labeling.targets import pool_topk_logits
+from lvvit_jax.token_labeling.targets import pool_dense_logits
 from lvvit_jax.token_labeling.targets import smooth_targets
 
 _FILE = 'lvvit_jax/token_labeling/online.py'
@@ -73,36 +74,27 @@ def in_place_canvas(images: jax.Array, label_affine: jax.Array, size: int) -> ja
     label_affine: (B, 2, 3) each crop's map from its normalised (y, x, 1) to the source's.
     size: the canvas side (the teacher's input size).
 
-  A canvas pixel inside its crop samples the crop bilinearly at the source point of the pixel's
-  centre; every pixel outside it is the crop's mean colour.
+  The inverse of `label_affine` warps each crop onto its canvas (`augment.geometry.warp_affine`,
+  bilinear); every pixel outside the crop is the crop's mean colour.
   """
   images = jnp.asarray(images, jnp.float32)
-  b, h, w, c = images.shape
+  b, h, w, _ = images.shape
   label_affine = jnp.asarray(label_affine, jnp.float32)
   if label_affine.shape != (b, 2, 3):
     raise ValueError(f'{_FILE}: label_affine must be ({b}, 2, 3), got {label_affine.shape}.')
-  centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
-  source = jnp.stack(jnp.meshgrid(centres, centres, indexing='ij'), -1)  # (S, S, 2) = (y, x)
-  offset = source[None] - label_affine[:, None, None, :, 2]
-  crop = jnp.einsum('bij,bhwj->bhwi', jnp.linalg.inv(label_affine[:, :, :2]), offset)
-  inside = jnp.all((crop >= 0.0) & (crop <= 1.0), axis=-1)
-  rows, cols = crop[..., 0] * h - 0.5, crop[..., 1] * w - 0.5
-
-  def sample(image, rows, cols):
-    return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., i], [rows, cols], order=1,
-                                                        mode='nearest') for i in range(c)], -1)
-
-  canvas = jax.vmap(sample)(images, rows, cols)
-  fill = jnp.mean(images, axis=(1, 2))[:, None, None, :]
-  return jnp.where(inside[..., None], canvas, fill)
+  last_row = jnp.broadcast_to(jnp.float32([0.0, 0.0, 1.0]), (b, 1, 3))
+  canvas_to_crop = jnp.linalg.inv(jnp.concatenate([label_affine, last_row], axis=1))
+  # Normalised -> pixel coordinates: crop pixels out, canvas pixels in.
+  matrix = canvas_to_crop * jnp.float32([h, w, 1.0])[:, None] / jnp.float32([size, size, 1.0])
+  fill = jnp.mean(images, axis=(1, 2))
+  return jax.vmap(lambda im, m, f: geometry.warp_affine(im, m, f, out_hw=(size, size)))(
+      images, matrix, fill)
 
 
 def in_place_logits(canvas_logits: jax.Array, label_affine: jax.Array) -> jax.Array:
   """The teacher's (B, h, w, K) logits on `in_place_canvas` pooled over each crop: (B, h, w, K)
   on the crop's own grid of the same size, as a stored map of the canvas is pooled."""
-  b, h, w, k = canvas_logits.shape
-  classes = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), canvas_logits.shape)
+  b, h, w, _ = canvas_logits.shape
   whole = jnp.tile(jnp.float32([0.0, 0.0, 1.0, 1.0]), (b, 1))
-  _, tokens = pool_topk_logits(canvas_logits, classes, whole, label_affine, grid=(h, w),
-                               num_classes=k, samples=2)
+  _, tokens = pool_dense_logits(canvas_logits, whole, label_affine, grid=(h, w))
   return tokens

@@ -147,15 +147,21 @@ def _pool_scatter(logits, idx, py, px, gh, gw, s, num_classes):
   return jax.vmap(scatter_one)(values, classes)
 
 
-def _pool_dense(logits, idx, py, px, gh, gw, s, num_classes):
-  """Dense path: (C, h*w) bilinear weights times the densified (h*w, K) map; no scatter op."""
-  b, h, w, k = logits.shape
+def _cell_weights(py, px, gh, gw, s, h, w):
+  """(B, C, h*w): each token cell's RoIAlign weights over the map's pixels (they sum to 1)."""
+  b = py.shape[0]
   # Bilinear weights with clamped coordinates are the tent function max(0, 1 - |p - j|).
   wy = jax.nn.relu(1.0 - jnp.abs(py[..., None] - jnp.arange(h, dtype=jnp.float32)))
   wx = jax.nn.relu(1.0 - jnp.abs(px[..., None] - jnp.arange(w, dtype=jnp.float32)))
   wy = _cell_major(wy, gh, gw, s)  # (B, C, ss, h)
   wx = _cell_major(wx, gh, gw, s)  # (B, C, ss, w)
-  cell_w = jnp.einsum('bcsy,bcsx->bcyx', wy, wx).reshape(b, gh * gw, h * w) / (s * s)
+  return jnp.einsum('bcsy,bcsx->bcyx', wy, wx).reshape(b, gh * gw, h * w) / (s * s)
+
+
+def _pool_dense(logits, idx, py, px, gh, gw, s, num_classes):
+  """Dense path: (C, h*w) bilinear weights times the densified (h*w, K) map; no scatter op."""
+  b, h, w, k = logits.shape
+  cell_w = _cell_weights(py, px, gh, gw, s, h, w)
   classes = jnp.arange(num_classes, dtype=idx.dtype)
   dense = jnp.zeros((b, h * w, num_classes), jnp.float32)
   flat_logits = logits.reshape(b, h * w, k)
@@ -192,6 +198,23 @@ def pool_topk_logits(topk_logits: jax.Array, topk_idx: jax.Array, map_box: jax.A
   tokens = pool(logits, idx, py, px, gh, gw, samples, num_classes)  # (B, C, K)
   cls = jnp.mean(tokens, axis=1)
   return cls, tokens.reshape(b, gh, gw, num_classes)
+
+
+def pool_dense_logits(logits: jax.Array, map_box: jax.Array, label_affine: jax.Array, *,
+                      grid: Grid, samples: int = 2) -> Tuple[jax.Array, jax.Array]:
+  """`pool_topk_logits` for a map holding every class: (B, h, w, K) logits, e.g. a teacher's
+  `dense_logits`, pooled the same way (cls (B, K), tokens (B, gh, gw, K)), with no top-k to
+  densify: each token cell's bilinear weights times the map."""
+  logits = jnp.asarray(logits, jnp.float32)
+  b, h, w, k = logits.shape
+  gh, gw = grid_shape(grid)
+  map_box, label_affine = jnp.asarray(map_box), jnp.asarray(label_affine)
+  _check_inputs(logits, logits, map_box, label_affine, gh, gw, samples, 'dense')
+  py, px = map_sample_coords(map_box, label_affine, grid=(gh, gw), samples=samples,
+                             map_size=(h, w))
+  cell_w = _cell_weights(py, px, gh, gw, samples, h, w)
+  tokens = jnp.einsum('bcm,bmk->bck', cell_w, logits.reshape(b, h * w, k))
+  return jnp.mean(tokens, axis=1), tokens.reshape(b, gh, gw, k)
 
 
 def token_targets(topk_logits: jax.Array, topk_idx: jax.Array, map_box: jax.Array,

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
   for head in HEADS:
     def predict(v, images, head=head):
       images = device_augment.normalize(images, dtype=getattr(model, 'dtype', jnp.float32))
-      return head_logits(model, v, images)[head]
+      return head_logits(model, recipe.at_eval_size(v, model), images)[head]
     result = train.run_evals(jax.jit(evaluate_lib.make_eval_step(predict)), variables, splits,
                              mesh)
     for split in splits:

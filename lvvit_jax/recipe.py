@@ -6,9 +6,12 @@ config with the model before anything compiles.
 
 Train and eval sizes: `config.img_size` is the training size; `config.eval_img_size` (default:
 the same) is the size evaluation runs at. The eval model is the same architecture built at that
-size and applied to the same variables, which works when no parameter depends on the image size
-(a fully convolutional model such as an NFNet, whose global mean pool takes any map; LV-ViT's
-position embedding does depend on it, so `check_eval_model` refuses another eval size there).
+size and applied to the same variables: as they are for a fully convolutional model (an NFNet,
+whose global mean pool takes any map), with the position embedding resampled to the eval grid
+for a ViT (`at_eval_size`, bicubic, as the converter resamples a checkpoint's). A ViT trained on
+random-resized crops sees objects larger than a full test image shows them, so evaluating it
+larger can gain (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"); the demo
+does (configs/demo.py). Any other size-dependent parameter is refused (`check_eval_model`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import optax
 from lvvit_jax import optim
 from lvvit_jax.models import MODEL_CONFIGS
 from lvvit_jax.models import create_model
+from lvvit_jax.models import convert
 from lvvit_jax.token_labeling import objective
 
 _FILE = 'lvvit_jax/recipe.py'
@@ -69,20 +73,39 @@ def _abstract_params(model) -> Any:
                                            jnp.zeros((1, size, size, 3))))['params']
 
 
+def _is_pos_embed(path) -> bool:
+  return getattr(path[-1], 'key', None) == 'pos_embed'
+
+
 def check_eval_model(config: ml_collections.ConfigDict, model, eval_model) -> None:
-  """Evaluating the trained variables at another size needs size-independent parameters."""
+  """Evaluating the trained variables at another size needs size-independent parameters, or a
+  position embedding (`at_eval_size` resamples it)."""
   if eval_model.config.img_size == model.config.img_size:
     return
   train, other = (jax.tree_util.tree_leaves_with_path(_abstract_params(m))
                   for m in (model, eval_model))
   differ = [jax.tree_util.keystr(p) for (p, a), (_, b) in zip(train, other)
-            if a.shape != b.shape]
+            if a.shape != b.shape and not _is_pos_embed(p)]
   if differ:
     raise ValueError(
         f'{_FILE}: config.eval_img_size={eval_model.config.img_size} but {config.model} has '
         f'parameters that depend on the image size ({", ".join(differ[:3])} differ from '
         f'config.img_size={model.config.img_size}); leave config.eval_img_size unset, or '
         'fine-tune at that size and evaluate the checkpoint there (config.mode=eval).')
+
+
+def at_eval_size(variables: Any, eval_model) -> Any:
+  """`variables` as `eval_model` takes them: a position embedding of another grid resampled to
+  the eval model's (`convert.resize_pos_embed`), everything else as it is. Traceable; the
+  identity when the sizes agree."""
+  grid = getattr(eval_model.config, 'grid', None)
+
+  def fit(path, value):
+    if grid is None or not _is_pos_embed(path) or value.shape[1] == 1 + grid[0] * grid[1]:
+      return value
+    return convert.resize_pos_embed(value, grid)
+
+  return jax.tree_util.tree_map_with_path(fit, variables)
 
 
 def check_model_settings(config: ml_collections.ConfigDict, model) -> None:

@@ -42,6 +42,7 @@ from lvvit_jax import sharding
 from lvvit_jax import token_labeling
 from lvvit_jax.models import convert
 # The config's pieces (re-exported: `train.build_model` etc. are the trainer's API).
+from lvvit_jax.recipe import at_eval_size
 from lvvit_jax.recipe import build_eval_model
 from lvvit_jax.recipe import build_model
 from lvvit_jax.recipe import check_eval_model
@@ -544,12 +545,13 @@ def make_eval_splits(config: ml_collections.ConfigDict, workdir: str, model) -> 
 def make_predict(model, var_shardings: Mapping[str, Any], mesh: jax.sharding.Mesh):
   """The jitted eval step over variables `{'params', 'batch_stats'}` placed as given.
 
-  uint8 images (the eval pipeline's) are normalised on the device with the ImageNet mean/std.
+  uint8 images (the eval pipeline's) are normalised on the device with the ImageNet mean/std;
+  a position embedding of the training size is resampled to the eval model's (`at_eval_size`).
   """
   def predict(variables, images):
     if images.dtype == jnp.uint8:
       images = device_augment.normalize(images, dtype=getattr(model, 'dtype', jnp.float32))
-    return model.apply(variables, images)
+    return model.apply(at_eval_size(variables, model), images)
 
   eval_step = evaluate_lib.make_eval_step(predict)
   repl = sharding.replicated(mesh)

@@ -137,12 +137,14 @@ def test_head_accuracy_splits_the_inference_rule_into_its_heads(digits_data, tmp
   from lvvit_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from lvvit_jax import recipe  # pylint: disable=g-import-not-at-top
   config = demo.get_config(f'stage=student,root={tmp_path}')
-  model = recipe.build_eval_model(config)
+  # A checkpoint of the training size; the benchmark evaluates it at the eval size (72 px).
+  size = config.img_size
+  model = recipe.build_model(config)
   variables = jax.tree.map(np.asarray, model.init({'params': jax.random.key(0)},
-                                                  jnp.zeros((1, 64, 64, 3))))
+                                                  jnp.zeros((1, size, size, 3))))
   os.symlink(digits_data['data_dir'], str(tmp_path / 'data'))
   fields = {k: v for k, v in config.model_overrides.items()}
-  fields.update(img_size=64, num_classes=10)
+  fields.update(img_size=size, num_classes=10)
 
   def top1s(zeroed):
     params = jax.tree.map(np.copy, variables['params'])

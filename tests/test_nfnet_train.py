@@ -61,9 +61,6 @@ def test_unknown_variant_is_named():
 @pytest.mark.parametrize('spec,overrides,message', [
     ('nfnet.py:variant=demo', {'mixtoken': True},
      r'config.mixtoken=True but nfnet_demo has no tokens to mix .*set --config.mixtoken=False'),
-    ('lvvit.py:variant=t', {'eval_img_size': 96},
-     r"config.eval_img_size=96 but lvvit_t has parameters that depend on the image size "
-     r"\(\['pos_embed'\]"),
     ('nfnet.py:variant=demo', {'model_overrides.depth': 2},
      r"config.model_overrides has \['depth'\], which nfnet_demo does not have"),
     ('nfnet.py:variant=demo', {'optimizer': 'lamb'}, r"config.optimizer='lamb'; use one of"),

@@ -179,11 +179,12 @@ def _torch_shape(flax_shape: Tuple[int, ...], how: str) -> Tuple[int, ...]:
   return flax_shape
 
 
-def resample_pos_embed(pos_embed: np.ndarray, new_grid: Tuple[int, int]) -> np.ndarray:
+def resize_pos_embed(pos_embed: jax.Array, new_grid: Tuple[int, int]) -> jax.Array:
   """Bicubically resamples the (1, 1 + h*w, D) grid part to new_grid; the cls position is kept.
 
   The old grid is taken as square. Uses `jax.image.resize(method='bicubic')` (Keys cubic,
-  antialiased when shrinking), i.e. a smooth grid stays smooth.
+  antialiased when shrinking), i.e. a smooth grid stays smooth. Traceable: the evaluation at
+  another size (`config.eval_img_size`) calls it inside its jitted step.
   """
   cls_pos, grid_pos = pos_embed[:, :1], pos_embed[0, 1:]
   old = int(round(np.sqrt(grid_pos.shape[0])))
@@ -192,10 +193,15 @@ def resample_pos_embed(pos_embed: np.ndarray, new_grid: Tuple[int, int]) -> np.n
         f'{_FILE}: pos_embed has {grid_pos.shape[0]} grid positions, not a '
         f'square grid; cannot resample.')
   grid_pos = grid_pos.reshape(old, old, -1)
-  new = jax.image.resize(jnp.asarray(grid_pos, jnp.float32),
+  new = jax.image.resize(grid_pos.astype(jnp.float32),
                          (new_grid[0], new_grid[1], grid_pos.shape[-1]), method='bicubic')
-  new = np.asarray(new).reshape(1, new_grid[0] * new_grid[1], -1)
-  return np.concatenate([cls_pos, new], axis=1).astype(pos_embed.dtype)
+  new = new.reshape(1, new_grid[0] * new_grid[1], -1).astype(pos_embed.dtype)
+  return jnp.concatenate([cls_pos, new], axis=1)
+
+
+def resample_pos_embed(pos_embed: np.ndarray, new_grid: Tuple[int, int]) -> np.ndarray:
+  """`resize_pos_embed` on a NumPy array (the converter's and checkpoint loaders' form)."""
+  return np.asarray(resize_pos_embed(jnp.asarray(pos_embed), new_grid)).astype(pos_embed.dtype)
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,

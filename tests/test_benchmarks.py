@@ -137,7 +137,7 @@ def test_head_accuracy_splits_the_inference_rule_into_its_heads(digits_data, tmp
   from lvvit_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from lvvit_jax import recipe  # pylint: disable=g-import-not-at-top
   config = demo.get_config(f'stage=student,root={tmp_path}')
-  # A checkpoint of the training size; the benchmark evaluates it at the eval size (72 px).
+  # A checkpoint of the training size; the benchmark evaluates it at the eval size (96 px).
   size = config.img_size
   model = recipe.build_model(config)
   variables = jax.tree.map(np.asarray, model.init({'params': jax.random.key(0)},

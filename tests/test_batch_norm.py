@@ -10,6 +10,7 @@ import pytest
 from lvvit_jax import train
 from lvvit_jax.models import batch_norm
 from lvvit_jax.models import create_model
+from lvvit_jax.models import lowering as cpu_lowering
 from tests.run_helpers import load_config
 from tests.test_train import _losses
 
@@ -48,8 +49,8 @@ def _train_outputs(module, variables, x, relu):
 @pytest.mark.parametrize('lowering', ['1', '0'])
 @pytest.mark.parametrize('shape', SHAPES)
 def test_equals_flax_batch_norm_then_relu(shape, lowering, monkeypatch):
-  monkeypatch.setenv(batch_norm.ENV, lowering)
-  assert batch_norm.lowering() == ('matmul' if lowering == '1' else 'native')
+  monkeypatch.setenv(cpu_lowering.ENV, lowering)
+  assert cpu_lowering.lowering() == ('matmul' if lowering == '1' else 'native')
   x, ref, new, variables = _reference_and_new(shape)
   # The same variables, so checkpoints and the converter cannot tell them apart.
   ref_tree = jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x, use_running_average=False))
@@ -79,11 +80,11 @@ def test_running_statistics_are_left_alone_while_initialising():
 
 
 def test_the_cpu_lowering_is_picked_by_backend_and_a_bad_setting_is_named(monkeypatch):
-  monkeypatch.delenv(batch_norm.ENV, raising=False)
-  assert jax.default_backend() == 'cpu' and batch_norm.lowering() == 'matmul'
-  monkeypatch.setenv(batch_norm.ENV, 'yes')
-  with pytest.raises(ValueError, match=r'lvvit_jax/models/batch_norm.py: LVVIT_JAX_CPU_LOWERING'):
-    batch_norm.lowering()
+  monkeypatch.delenv(cpu_lowering.ENV, raising=False)
+  assert jax.default_backend() == 'cpu' and cpu_lowering.lowering() == 'matmul'
+  monkeypatch.setenv(cpu_lowering.ENV, 'yes')
+  with pytest.raises(ValueError, match=r'lvvit_jax/models/lowering.py: LVVIT_JAX_CPU_LOWERING'):
+    cpu_lowering.lowering()
 
 
 def test_model_outputs_and_gradients_do_not_depend_on_the_lowering(monkeypatch):
@@ -99,7 +100,7 @@ def test_model_outputs_and_gradients_do_not_depend_on_the_lowering(monkeypatch):
 
   runs = {}
   for lowering in ('1', '0'):
-    monkeypatch.setenv(batch_norm.ENV, lowering)
+    monkeypatch.setenv(cpu_lowering.ENV, lowering)
     runs[lowering] = jax.value_and_grad(loss, has_aux=True)(variables['params'])
   ((v1, (c1, s1)), g1), ((v0, (c0, s0)), g0) = runs['1'], runs['0']
   assert _rel(c1, c0) < 1e-5
@@ -115,7 +116,7 @@ def test_trainer_losses_do_not_depend_on_the_lowering(digits_data, tmp_path, mon
   # updates, so longer runs drift apart by more than rounding (1.3e-5 of a loss by step 10).
   losses = {}
   for lowering in ('1', '0'):
-    monkeypatch.setenv(batch_norm.ENV, lowering)
+    monkeypatch.setenv(cpu_lowering.ENV, lowering)
     config = load_config('demo.py:stage=baseline,runlocal',
                          **{'data.data_dir': digits_data['data_dir'], 'total_steps': 6,
                             'log_every': 1, 'checkpoint_every': 6, 'eval_every': 6})

@@ -11,31 +11,19 @@ and `nn.BatchNorm`'s statistics over B*H*W positions per channel become its slow
 With the per-channel sums as batched ones-vector products over chunks of 32 rows (then a sum of
 the chunk sums: as accurate as XLA's tree reduction) and the backward written out
 (dx = scale / sigma * (g - mean(g) - x_hat * mean(g * x_hat)) on the ReLU's support): 7-8 ms.
-`lowering()` picks it on the CPU backend only; accelerators keep XLA's reductions, in
+`lowering.lowering()` picks it on the CPU backend only; accelerators keep XLA's reductions, in
 `nn.BatchNorm`'s arithmetic. `LVVIT_JAX_CPU_LOWERING=0` turns it off (tests compare both).
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_FILE = 'lvvit_jax/models/batch_norm.py'
-ENV = 'LVVIT_JAX_CPU_LOWERING'
-
-
-def lowering() -> str:
-  """'matmul' on the CPU backend (unless LVVIT_JAX_CPU_LOWERING=0), else 'native'."""
-  value = os.environ.get(ENV, '1')
-  if value not in ('0', '1'):
-    raise ValueError(f'{_FILE}: {ENV}={value!r}; use 1 (the default: the CPU lowering on the CPU '
-                     'backend) or 0 (XLA\'s reductions everywhere).')
-  return 'matmul' if value == '1' and jax.default_backend() == 'cpu' else 'native'
-
+from lvvit_jax.models.lowering import lowering
 
 CHUNK = 32  # rows per ones-vector product: the first level of a tree sum (XLA's reductions use 32)
 

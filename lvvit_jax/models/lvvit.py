@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lvvit_jax.models import batch_norm
+from lvvit_jax.models import dense
 from lvvit_jax.token_labeling.mixtoken import mix_tokens
 from lvvit_jax.token_labeling.mixtoken import unmix_tokens
 
@@ -138,13 +139,14 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     head_dim = d // self.num_heads
+    product = dense.product()   # the CPU lowering of the backward (lvvit_jax/models/dense.py)
     qkv = nn.Dense(3 * d, use_bias=False, kernel_init=dense_init, dtype=self.dtype,
-                   name='qkv')(x)
+                   dot_general=product, name='qkv')(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
     # (B, T, heads, hd) layout; scale applied inside: softmax(q k^T * hd^-0.5) v.
     out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5)
-    return nn.Dense(d, kernel_init=dense_init, dtype=self.dtype, name='proj')(
-        out.reshape(b, n, d))
+    return nn.Dense(d, kernel_init=dense_init, dtype=self.dtype, dot_general=product,
+                    name='proj')(out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
@@ -154,9 +156,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name='fc1')(x)
+    product = dense.product()   # the CPU lowering of the backward (lvvit_jax/models/dense.py)
+    x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, dot_general=product,
+                 name='fc1')(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(d, kernel_init=dense_init, dtype=self.dtype, name='fc2')(x)
+    return nn.Dense(d, kernel_init=dense_init, dtype=self.dtype, dot_general=product,
+                    name='fc2')(x)
 
 
 class Block(nn.Module):

@@ -10,14 +10,10 @@ import pytest
 
 from lvvit_jax.models import dense
 from lvvit_jax.models import lowering
+from tests.test_batch_norm import _rel
 
 # The blocks' products: qkv and fc1 (D -> 3D, 4D), proj and fc2; tokens as (B, N, D) and rows.
 SHAPES = [((4, 17, 32), 96), ((4, 17, 96), 32), ((6, 24), 40), ((2, 3, 5, 16), 8)]
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def _outputs(product, x_shape, features, use_bias, dtype=jnp.float32):

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lvvit_jax.models import attention
 from lvvit_jax.models import batch_norm
 from lvvit_jax.models import dense
 from lvvit_jax.token_labeling.mixtoken import mix_tokens
@@ -137,16 +138,14 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, n, d = x.shape
-    head_dim = d // self.num_heads
+    d = x.shape[-1]
     product = dense.product()   # the CPU lowering of the backward (lvvit_jax/models/dense.py)
     qkv = nn.Dense(3 * d, use_bias=False, kernel_init=dense_init, dtype=self.dtype,
                    dot_general=product, name='qkv')(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
-    # (B, T, heads, hd) layout; scale applied inside: softmax(q k^T * hd^-0.5) v.
-    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5)
+    # softmax(q k^T * hd^-0.5) v per head, with its CPU lowering (lvvit_jax/models/attention.py).
+    out = attention.multi_head(qkv, self.num_heads)
     return nn.Dense(d, kernel_init=dense_init, dtype=self.dtype, dot_general=product,
-                    name='proj')(out.reshape(b, n, d))
+                    name='proj')(out)
 
 
 class Mlp(nn.Module):

@@ -1,10 +1,11 @@
 """Which lowering the models' CPU-specific pieces use: `lowering()`.
 
-Two pieces of the models have a CPU lowering that computes the same function as the plain
-Flax layer up to the order of float32 sums, and measured faster on XLA:CPU: the stem's BatchNorm
-+ ReLU (`batch_norm.py`) and the transformer blocks' dense layers (`dense.py`). Both follow this
-one switch: on by default on the CPU backend, never on accelerators (they keep XLA's native
-ops), and off everywhere with `LVVIT_JAX_CPU_LOWERING=0` (the tests compare both).
+Three pieces of the models have a CPU lowering that computes the same function as the plain
+Flax or jax.nn op up to the order of float32 sums, and measured faster on XLA:CPU: the stem's
+BatchNorm + ReLU (`batch_norm.py`), the transformer blocks' dense layers (`dense.py`) and their
+attention (`attention.py`). All follow this one switch: on by default on the CPU backend, never
+on accelerators (they keep XLA's native ops), and off everywhere with `LVVIT_JAX_CPU_LOWERING=0`
+(the tests compare both).
 """
 import os
 

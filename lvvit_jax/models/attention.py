@@ -13,8 +13,9 @@ the second product contracts the keys with the values directly. Plain autodiff o
 backward; the sums are the same up to their order in float32. Measured (benchmarks/results/
 train_step_cpu.txt, Intel CPU): forward + backward of the attention alone, the demo's blocks
 (64 x 65 tokens, 4 heads of 32) 12.5 -> 9.2 ms, LV-ViT-S's at 224 px, batch 8, 31.5 -> 21.0 ms;
-in the whole training step lvvit_s 1.04-1.055x and the demo model 1.00x (XLA overlaps its
-attention with other work), the demo model's eval forward at 96 px 1.12x.
+in the whole training step lvvit_s 1.04-1.055x but the demo model 1.00x (inside the whole
+model XLA had already folded most of what this saves alone), the demo model's eval forward at
+96 px 1.12-1.13x.
 
 It is used on the CPU backend for float32 inputs only (`lowering.lowering()`; other dtypes keep
 jax.nn's float32 logits and its dtype handling); accelerators keep XLA's attention.

@@ -1,8 +1,8 @@
 """The stem's BatchNorm + ReLU: its CPU lowering (statistics as matrix products, a written-out
 backward) equals `nn.relu(nn.BatchNorm(...))` to float32 rounding, in every output the trainer
 uses; and the model's outputs and gradients and the trainer's losses do not depend on which
-lowering ran (`LVVIT_JAX_CPU_LOWERING` switches this one and the blocks' dense layers', whose
-own test is tests/test_dense.py)."""
+lowering ran (`LVVIT_JAX_CPU_LOWERING` switches this one and the blocks' dense layers' and
+attention's, whose own tests are tests/test_dense.py and tests/test_attention.py)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

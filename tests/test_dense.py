@@ -1,7 +1,7 @@
 """The blocks' dense layers: the CPU lowering of their backward (`lvvit_jax/models/dense.py`)
 equals `nn.Dense` with `lax.dot_general` to float32 rounding, forward and gradients, and is
 used on the CPU backend only. (The model and the trainer with either lowering:
-tests/test_batch_norm.py, which switches both.)"""
+tests/test_batch_norm.py, which switches every CPU lowering.)"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

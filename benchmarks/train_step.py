@@ -1,7 +1,7 @@
 """Throughput and MFU of the trainer's full update step, next to PyTorch doing the same step.
 
     python -m benchmarks.train_step --model lvvit_s --batch 8            # CPU here
-    python -m benchmarks.train_step --preset demo --stem-channels 64     # the demo's model
+    python -m benchmarks.train_step --preset demo                        # the demo's model
     LVVIT_JAX_XLA_DEFAULTS=0 python -m benchmarks.train_step --preset demo   # XLA's defaults
     python -m benchmarks.train_step --model lvvit_s --batch 256 --dtype bfloat16 --no-torch
 
@@ -11,11 +11,12 @@ backward, AdamW with the schedule, EMA) on synthetic data already on the devices
 - `plain labels`: no score maps (the smoothed label for the cls and every token);
 - `token labels`: 18x18x5 score maps pooled through each example's `label_affine`;
 - `token labels, no augmentation`: float images, the same work as the PyTorch row.
-`--preset demo` is the model of `configs/demo.py` (LV-ViT-T's stem and blocks at 64 px, patch 8,
-4 blocks of dim 128, 10 classes, batch 64) with its recipe; `--stem-channels` overrides the
-stem's width. The header prints XLA_FLAGS: `import lvvit_jax` turns XLA:CPU's YNNPACK fusions
-off (`lvvit_jax/__init__.py`); LVVIT_JAX_XLA_DEFAULTS=0 keeps XLA's defaults (the ratio to PyTorch
-before that change: the flag is read once per process, so the two are separate runs).
+`--preset demo` is the model of `configs/demo.py` (LV-ViT-T's 64-channel stem and blocks at
+64 px, patch 8, 4 blocks of dim 128, 10 classes, batch 64) with its recipe; `--stem-channels`
+overrides the stem's width (32: the demo's until the tenth sitting). The header prints
+XLA_FLAGS: `import lvvit_jax` turns XLA:CPU's YNNPACK fusions off (`lvvit_jax/__init__.py`);
+LVVIT_JAX_XLA_DEFAULTS=0 keeps XLA's defaults (the ratio to PyTorch before that change: the flag
+is read once per process, so the two are separate runs).
 MFU = FLOPs of the compiled step (XLA's cost analysis) / step time / the device's peak: the
 datasheet dense peak of known accelerators (--peak-tflops overrides), on CPU the measured rate
 of a large matmul in the same dtype. The PyTorch row is the independent LV-ViT of

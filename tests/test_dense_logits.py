@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 SIZE, CLASSES = 64, 4
 COLOURS = np.array([[1.5, -1.5, -1.5], [-1.5, 1.5, -1.5], [-1.5, -1.5, 1.5], [1.5, 1.5, -1.5]])
 # Demo-size models (configs/demo.py's student and configs/ablation.py's ViT, and the CPU NFNet).
-DEMO_LVVIT = dict(depth=4, dim=128, num_heads=4, mlp_hidden=384, stem_channels=32, patch_size=8,
+DEMO_LVVIT = dict(depth=4, dim=128, num_heads=4, mlp_hidden=384, stem_channels=64, patch_size=8,
                   drop_path_rate=0.0)
 MODELS = {
     'lvvit': ('lvvit_t', DEMO_LVVIT),

@@ -59,10 +59,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.evals.val = {'source': 'digits:64', 'split': 'validation'}
   # Digits are not mirror-symmetric, and small: no flip, no erasing. The regularisers that help
   # at ImageNet scale hurt a 300-step run (measured with the 32-channel stem, one seed, token
-  # labels / plain labels at step 300, README "Demo"): MixToken + one RandAugment op at magnitude 5 and EMA evals
-  # 34.2 / 26.4 %; without both 67.2 / 71.1 %; also evaluating the raw weights (an EMA of 0.99
-  # lags a short run) 79.2 / 76.9 %. So the students train without them, the paper's crops
-  # (8-100 %) are their one augmentation, and the evals read the raw weights.
+  # labels / plain labels at step 300, README "Demo"): MixToken + one RandAugment op at
+  # magnitude 5 and EMA evals 34.2 / 26.4 %; without both 67.2 / 71.1 %; also evaluating the raw
+  # weights (an EMA of 0.99 lags a short run) 79.2 / 76.9 %. So the students train without them,
+  # the paper's crops (8-100 %) are their one augmentation, and the evals read the raw weights.
   c.aug.hflip = 0.0
   c.aug.randaug_num_ops = 0
   c.aug.randaug_magnitude = 5.0     # (for a run that turns RandAugment back on)
@@ -73,8 +73,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # area) under the crop sampler: median 1.44x, geometric mean 1.55x), so the students are
   # evaluated at 1.5x their training size (FixRes), on the whole image (crop_pct 1: a centre crop
   # cuts digits at the canvas edge). Chosen by that rule, not on the validation split; measured
-  # afterwards (5 seeds, 32-channel stem, README "Demo"): token labels 86.4 % at 64 px (crop 0.9) and 89.0 % at
-  # 96 px, plain labels 63.7 and 65.7 %.
+  # afterwards (5 seeds, 32-channel stem, README "Demo"): token labels 86.4 % at 64 px (crop
+  # 0.9) and 89.0 % at 96 px, plain labels 63.7 and 65.7 %.
   c.img_size, c.eval_img_size, c.data.crop_pct = STUDENT_SIZE, STUDENT_EVAL_SIZE, 1.0
   # The release's option: the one-hot label blended into the cls target (half where the map's
   # top class agrees with the label, a tenth where not). A no-op on plain labels; with the

@@ -14,20 +14,27 @@ import numpy as np
 import optax
 import pytest
 
+from configs import ablation
+from configs import demo
 from lvvit_jax.models import create_model
 
 pytestmark = pytest.mark.slow
 
 SIZE, CLASSES = 64, 4
 COLOURS = np.array([[1.5, -1.5, -1.5], [-1.5, 1.5, -1.5], [-1.5, -1.5, 1.5], [1.5, 1.5, -1.5]])
-# Demo-size models (configs/demo.py's student and configs/ablation.py's ViT, and the CPU NFNet).
-DEMO_LVVIT = dict(depth=4, dim=128, num_heads=4, mlp_hidden=384, stem_channels=64, patch_size=8,
-                  drop_path_rate=0.0)
+
+
+def _model_of(config):
+  return config.model, dict(config.model_overrides)
+
+
+# Demo-size models, as the configs build them: configs/demo.py's student, configs/ablation.py's
+# ViT arms, and the CPU NFNet (the demo's teacher).
 MODELS = {
-    'lvvit': ('lvvit_t', DEMO_LVVIT),
-    'vit_aux': ('vit_s', dict(DEMO_LVVIT, aux_head=True)),
-    'vit_plain': ('vit_s', DEMO_LVVIT),
-    'nfnet': ('nfnet_demo', {}),
+    'lvvit': _model_of(demo.get_config('stage=student')),
+    'vit_aux': _model_of(ablation.get_config('arm=vit_tl')),
+    'vit_plain': _model_of(ablation.get_config('arm=vit_plain')),
+    'nfnet': _model_of(demo.get_config('stage=teacher')),
 }
 
 

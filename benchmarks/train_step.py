@@ -12,8 +12,9 @@ backward, AdamW with the schedule, EMA) on synthetic data already on the devices
 - `token labels`: 18x18x5 score maps pooled through each example's `label_affine`;
 - `token labels, no augmentation`: float images, the same work as the PyTorch row.
 `--preset demo` is the model of `configs/demo.py` (LV-ViT-T's 64-channel stem and blocks at
-64 px, patch 8, 4 blocks of dim 128, 10 classes, batch 64) with its recipe; `--stem-channels`
-overrides the stem's width (32: the demo's until the tenth sitting). The header prints
+64 px, patch 8, 4 blocks of dim 192, 10 classes, batch 64) with its recipe; `--stem-channels`
+overrides the stem's width (32: the demo's until the tenth sitting) and `--dim` the blocks'
+(128 until the eleventh: issue 17's figures are `--preset demo --dim 128`). The header prints
 XLA_FLAGS: `import lvvit_jax` turns XLA:CPU's YNNPACK fusions off (`lvvit_jax/__init__.py`);
 LVVIT_JAX_XLA_DEFAULTS=0 keeps XLA's defaults (the ratio to PyTorch before that change: the flag
 is read once per process, so the two are separate runs).
@@ -38,6 +39,7 @@ from benchmarks.model_step import compiled_flops
 from benchmarks.model_step import time_fn
 from configs import demo as demo_config
 from configs import lvvit as lvvit_config
+from lvvit_jax import models
 from lvvit_jax import sharding
 from lvvit_jax import train
 
@@ -185,6 +187,13 @@ def make_config(args):
     config.batch_size = args.batch or 8
   if args.stem_channels:
     config.model_overrides.stem_channels = args.stem_channels
+  if args.dim:  # The blocks' width, keeping the model's head width and MLP ratio.
+    base = models.get_config(config.model, **config.model_overrides)
+    if args.dim % (base.dim // base.num_heads):
+      raise SystemExit(f'benchmarks/train_step.py: --dim {args.dim} is not a multiple of '
+                       f'{config.model}\'s head width {base.dim // base.num_heads}; pick one that is.')
+    config.model_overrides.update(dim=args.dim, num_heads=args.dim // (base.dim // base.num_heads),
+                                  mlp_hidden=args.dim * base.mlp_hidden // base.dim)
   return config
 
 
@@ -197,6 +206,9 @@ def main():
   p.add_argument('--img-size', type=int, default=224)
   p.add_argument('--num-classes', type=int, default=1000)
   p.add_argument('--stem-channels', type=int, default=None, help='default: the model\'s')
+  p.add_argument('--dim', type=int, default=None,
+                 help='the blocks\' width (heads of the same width, the same MLP ratio); '
+                      'default: the model\'s')
   p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'])
   p.add_argument('--steps', type=int, default=3, help='timed rounds (medians)')
   p.add_argument('--warmup', type=int, default=1)
@@ -224,8 +236,9 @@ def main():
 
   dev = jax.devices()[0]
   stem = config.model_overrides.get('stem_channels', 'default')
+  dim = config.model_overrides.get('dim', 'default')
   print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()} | '
-        f'{args.preset or args.model}@{config.img_size} batch {batch} stem {stem} | '
+        f'{args.preset or args.model}@{config.img_size} batch {batch} stem {stem} dim {dim} | '
         f'compute {dtype} | peak {peak:.2f} TFLOP/s ({how}) | medians of {args.steps} '
         f'alternating rounds | XLA_FLAGS {os.environ.get("XLA_FLAGS") or "(none)"}')
   print(f'{"update step":48s} {"images/s":>9s} {"ms/step":>9s} {"TFLOP/step":>11s} {"MFU":>7s}')

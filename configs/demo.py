@@ -19,9 +19,9 @@ position, 16x16 from its stride-8 map by shift and stitch, in `<root>/score_maps
 `student` trained with token labels from them; the same student trained as a `baseline` on
 plain labels (the same steps and crops).
 The students are LV-ViT-T's stem (its 64 channels) and blocks at patch 8 (an 8x8 token grid), 4
-blocks narrowed to dim 128, trained at 64 px and evaluated on the whole image at 96 px (12x12
-tokens, the position embedding resampled): the crops show digits about 1.5x larger than a whole
-image does.
+blocks of dim 192 (LV-ViT-T's 240 narrowed, heads of 32), trained at 64 px and evaluated on the
+whole image at 96 px (12x12 tokens, the position embedding resampled): the crops show digits
+about 1.5x larger than a whole image does.
 """
 import ml_collections
 
@@ -43,8 +43,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # the plain-label student stays longer on the chance plateau and the token-label one does not,
   # so token labels gain more: 88.0 against 61.0 % (+27.0, ahead on every seed) where 32
   # channels gave 87.0 against 71.2 % (+15.8); about 30 s more per student on the Intel CPU.
+  # Blocks of dim 192 in 6 heads (since the eleventh sitting; 128 in 4 before): both students
+  # learn faster per step. Over the same five seeds token labels 94.2 +- 2.0 % against plain
+  # labels 76.7 +- 11.8 (+17.5, by more than 15 on three seeds) where dim 128 gave 88.0 against
+  # 61.0 (+27.0): the token-label student passes 93 % at 300 steps, for about 30 s more each.
   c.model_overrides = ml_collections.ConfigDict({
-      'depth': 4, 'dim': 128, 'num_heads': 4, 'mlp_hidden': 384, 'stem_channels': 64,
+      'depth': 4, 'dim': 192, 'num_heads': 6, 'mlp_hidden': 576, 'stem_channels': 64,
       'patch_size': 8, 'drop_path_rate': 0.0})
   c.num_classes = 10
   c.dtype = 'float32'

@@ -189,10 +189,11 @@ def make_config(args):
     config.model_overrides.stem_channels = args.stem_channels
   if args.dim:  # The blocks' width, keeping the model's head width and MLP ratio.
     base = models.get_config(config.model, **config.model_overrides)
-    if args.dim % (base.dim // base.num_heads):
+    head_width = base.dim // base.num_heads
+    if args.dim % head_width:
       raise SystemExit(f'benchmarks/train_step.py: --dim {args.dim} is not a multiple of '
-                       f'{config.model}\'s head width {base.dim // base.num_heads}; pick one that is.')
-    config.model_overrides.update(dim=args.dim, num_heads=args.dim // (base.dim // base.num_heads),
+                       f'{config.model}\'s head width {head_width}; pick one that is.')
+    config.model_overrides.update(dim=args.dim, num_heads=args.dim // head_width,
                                   mlp_hidden=args.dim * base.mlp_hidden // base.dim)
   return config
 

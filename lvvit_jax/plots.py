@@ -56,13 +56,17 @@ def mean_curve(workdirs: Sequence[str], split: str = 'val'
   return x, ys.mean(0), ys.std(0)
 
 
+_LEGEND_INSIDE_MAX = 6   # more curves than this: the legend goes right of the axes
+
+
 def plot_curves(runs: Mapping[str, Sequence[str]], out: str, split: str = 'val',
                 title: Optional[str] = None) -> str:
   """Draws every named curve (mean and +-1 std band for several runs) into the PNG `out`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+  legend_outside = len(runs) > _LEGEND_INSIDE_MAX  # (it would hide the lower curves)
+  fig, ax = plt.subplots(figsize=(10.5 if legend_outside else 7, 4.2), dpi=110)
   for name, workdirs in runs.items():
     x, mean, std = mean_curve(workdirs, split)
     label = name if len(workdirs) == 1 else f'{name} (mean of {len(workdirs)})'
@@ -73,7 +77,10 @@ def plot_curves(runs: Mapping[str, Sequence[str]], out: str, split: str = 'val',
   ax.set_ylabel(f'eval top-1 on {split} (%)')
   ax.set_ylim(0, 100)
   ax.grid(alpha=0.3)
-  ax.legend(loc='lower right', fontsize=8)
+  if legend_outside:
+    ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), fontsize=8)
+  else:
+    ax.legend(loc='lower right', fontsize=8)
   if title:
     ax.set_title(title, fontsize=10)
   fig.tight_layout()

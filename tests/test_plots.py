@@ -50,3 +50,20 @@ def test_runs_evaluated_at_other_points_are_refused(tmp_path):
   (empty / 'metrics.jsonl').write_text(json.dumps({'step': 1, 'loss': 1.0}) + '\n')
   with pytest.raises(ValueError, match='no training row'):
     plots.eval_curve(str(empty))
+
+
+def _png_width(path):
+  with open(path, 'rb') as f:
+    head = f.read(24)
+  assert head[:8] == b'\x89PNG\r\n\x1a\n'
+  return int.from_bytes(head[16:20], 'big')
+
+
+def test_many_curves_put_the_legend_beside_the_axes(tmp_path):
+  """Past six curves the legend would cover the lower ones: it moves right, the figure widens."""
+  a = _write_run(tmp_path / 'a', 8, [(10, 0.2), (20, 0.6)])
+  few = plots.plot_curves({f'arm {i}': [a] for i in range(plots._LEGEND_INSIDE_MAX)},
+                          str(tmp_path / 'few.png'))
+  many = plots.plot_curves({f'arm {i}': [a] for i in range(plots._LEGEND_INSIDE_MAX + 1)},
+                           str(tmp_path / 'many.png'))
+  assert _png_width(many) > 1.4 * _png_width(few)

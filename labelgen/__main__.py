@@ -7,10 +7,10 @@ r"""`python -m labelgen <command>`: make or inspect token-label score maps.
     python -m labelgen show --source tfds:imagenet2012 --shards maps/nfnet_f6 --index 0 \
         --out labels.png [--augment --seed 1]
 
-Each command is a module with `add_arguments(parser)` and `run(args) -> 0` (and its own
-`main(argv)`); adding one is adding a module and a line to `_COMMANDS`. A bad setting, a missing
-or foreign file or a refused pickle is one line on stderr naming it and the fix, exit status 2
-(`lvvit_jax/cli.py`); `--verbose` after the command shows the traceback instead.
+Each command is a module with `add_arguments(parser)` and `run(args) -> 0`; adding one is
+adding a module and a line to `_COMMANDS`. A bad setting, a missing or foreign file or a refused
+pickle is one line on stderr naming it and the fix, exit status 2 (`lvvit_jax/cli.py`);
+`--verbose` after the command shows the traceback instead.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ import itertools
 import os
 import sys
 import time
-from typing import Any, List, Optional, Sequence, TextIO
+from typing import Any, List, Optional, TextIO
 
 import jax
 import tensorflow as tf
@@ -335,10 +335,3 @@ def run(args: argparse.Namespace) -> int:
              progress=args.progress)
   return 0
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """`python -m labelgen generate ...` (argv without the sub-command)."""
-  parser = argparse.ArgumentParser(prog=_PROG, description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_arguments(parser)
-  return run(parser.parse_args(argv))

@@ -427,10 +427,3 @@ def run(args: argparse.Namespace) -> int:
                   workers=args.workers)
   return 0
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """`python -m labelgen import ...` (argv without the sub-command)."""
-  parser = argparse.ArgumentParser(prog=_PROG, description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_arguments(parser)
-  return run(parser.parse_args(argv))

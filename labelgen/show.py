@@ -312,10 +312,3 @@ def run(args: argparse.Namespace) -> int:
   print(f'labelgen show: wrote {args.out} ({picture.width}x{picture.height})', file=sys.stderr)
   return 0
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """`python -m labelgen show ...` (argv without the sub-command)."""
-  parser = argparse.ArgumentParser(prog=_PROG, description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_arguments(parser)
-  return run(parser.parse_args(argv))

@@ -334,4 +334,3 @@ def run(args: argparse.Namespace) -> int:
              num_parallel_calls=args.workers,
              progress=args.progress)
   return 0
-

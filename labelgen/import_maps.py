@@ -426,4 +426,3 @@ def run(args: argparse.Namespace) -> int:
                   fmt=args.format, map_box=args.map_box, allow_missing=args.allow_missing,
                   workers=args.workers)
   return 0
-

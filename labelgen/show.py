@@ -311,4 +311,3 @@ def run(args: argparse.Namespace) -> int:
                    augmented=args.augment, seed=args.seed, min_side=args.min_side)
   print(f'labelgen show: wrote {args.out} ({picture.width}x{picture.height})', file=sys.stderr)
   return 0
-

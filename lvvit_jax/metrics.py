@@ -12,15 +12,15 @@ import math
 import os
 from typing import Any, Dict, List, Mapping
 
-import jax
-
 METRICS_FILE = 'metrics.jsonl'
+_FILE = 'lvvit_jax/metrics.py'
 
 
 class MetricsLog:
   """Writes scalars to clu's default writer and to `metrics.jsonl` (process 0)."""
 
   def __init__(self, workdir: str):
+    import jax  # pylint: disable=g-import-not-at-top  (read_metrics needs neither JAX nor TF)
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     self.is_writer = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_writer)
@@ -46,6 +46,28 @@ def _json_float(v: float) -> Any:
 
 
 def read_metrics(workdir: str) -> List[Dict[str, Any]]:
-  """The rows of `WORKDIR/metrics.jsonl`, in order."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows of `WORKDIR/metrics.jsonl`, in order.
+
+  Raises FileNotFoundError when `workdir` has no metrics.jsonl and ValueError naming the line
+  when one is not a JSON object.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{_FILE}: {path} does not exist: {workdir} is not the workdir of a trainer run (or it '
+        'has logged nothing yet); pass the --workdir of a run of main.py.')
+  rows = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = None
+      if not isinstance(row, dict):
+        raise ValueError(f'{_FILE}: {path} line {number} is not a JSON object '
+                         f'({line.strip()[:60]!r}): the file was edited or cut short; remove that '
+                         'line (the other lines are read as they are).')
+      rows.append(row)
+  return rows

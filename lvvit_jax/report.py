@@ -8,21 +8,16 @@ training loss. Reads only JSON: no TensorFlow, no JAX.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lvvit_jax.metrics import METRICS_FILE
 from lvvit_jax.metrics import read_metrics
-
-_FILE = 'lvvit_jax/report.py'
 
 
 def final_metrics(workdir: str) -> Dict[str, float]:
   """The last value of every metric of a run (eval and train), plus 'eval_step'."""
-  if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
-    raise FileNotFoundError(f'{_FILE}: {workdir}/{METRICS_FILE} does not exist: {workdir} is '
-                            'not the workdir of a trainer run (or it has logged nothing yet).')
   out: Dict[str, float] = {}
   for row in read_metrics(workdir):
     out.update({k: v for k, v in row.items() if k != 'step'})
@@ -45,15 +40,19 @@ def table(runs: Sequence[Tuple[str, str]], split: str = 'val') -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  if not argv:
-    print(__doc__, file=sys.stderr)
-    return 2
+  parser = argparse.ArgumentParser(prog='python -m lvvit_jax.report',
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument('runs', nargs='+', help='workdir or name=workdir')
+  parser.add_argument('--split', default='val', help='the eval split to show')
+  parser.add_argument('--verbose', action='store_true', help='tracebacks for errors')
+  args = parser.parse_args(argv)
   runs = []
-  for arg in argv:
+  for arg in args.runs:
     name, eq, workdir = arg.partition('=')
     runs.append((name, workdir) if eq else (os.path.basename(arg.rstrip('/')), arg))
-  print(table(runs))
+  from lvvit_jax import cli  # pylint: disable=g-import-not-at-top
+  with cli.user_errors('python -m lvvit_jax.report', verbose=args.verbose):
+    print(table(runs, args.split))
   return 0
 
 

@@ -42,6 +42,7 @@ from configs import lvvit as lvvit_config
 from lvvit_jax import models
 from lvvit_jax import sharding
 from lvvit_jax import train
+from lvvit_jax.models import lowering
 
 # Dense bf16 peaks (TFLOP/s) from the vendors' datasheets, by device_kind prefix.
 PEAK_TFLOPS = {'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA A100': 312.0,
@@ -238,10 +239,12 @@ def main():
   dev = jax.devices()[0]
   stem = config.model_overrides.get('stem_channels', 'default')
   dim = config.model_overrides.get('dim', 'default')
+  chunks = lowering.block_chunks(batch)   # LVVIT_JAX_CPU_BLOCK_CHUNKS
+  parts = f' | the blocks in {chunks} batch parts' if chunks > 1 else ''
   print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()} | '
         f'{args.preset or args.model}@{config.img_size} batch {batch} stem {stem} dim {dim} | '
         f'compute {dtype} | peak {peak:.2f} TFLOP/s ({how}) | medians of {args.steps} '
-        f'alternating rounds | XLA_FLAGS {os.environ.get("XLA_FLAGS") or "(none)"}')
+        f'alternating rounds | XLA_FLAGS {os.environ.get("XLA_FLAGS") or "(none)"}{parts}')
   print(f'{"update step":48s} {"images/s":>9s} {"ms/step":>9s} {"TFLOP/step":>11s} {"MFU":>7s}')
   for name, _, _, flops in rows:
     s = t['JAX: ' + name]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from lvvit_jax.models import attention
 from lvvit_jax.models import batch_norm
 from lvvit_jax.models import dense
+from lvvit_jax.models import lowering
 from lvvit_jax.token_labeling.mixtoken import mix_tokens
 from lvvit_jax.token_labeling.mixtoken import unmix_tokens
 
@@ -222,9 +223,19 @@ class LVViT(nn.Module):
     x = x.reshape(b, gh * gw, d)
     cls = jnp.broadcast_to(self.cls_token, (b, 1, d)).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
-    for block in self.blocks:
-      x = block(x, train)
-    return self.norm(x), (gh, gw)
+    return self.norm(self._blocks(x, train)), (gh, gw)
+
+  def _blocks(self, x: jax.Array, train: bool) -> jax.Array:
+    """The blocks over (B, 1 + N, D) tokens; on XLA:CPU over independent parts of the batch
+    (`lowering.block_chunks`: every op of a block is per example, so only float rounding in
+    the parameters' gradients, summed over the parts, differs)."""
+    chunks = lowering.block_chunks(x.shape[0])
+    parts = []
+    for part in (jnp.split(x, chunks) if chunks > 1 else [x]):
+      for block in self.blocks:
+        part = block(part, train)
+      parts.append(part)
+    return parts[0] if chunks == 1 else jnp.concatenate(parts)
 
   def features(self, images: jax.Array, train: bool = False,
                mix_box: Optional[jax.Array] = None) -> jax.Array:

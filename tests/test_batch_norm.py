@@ -9,12 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvvit_jax import train
 from lvvit_jax.models import batch_norm
 from lvvit_jax.models import create_model
 from lvvit_jax.models import lowering as cpu_lowering
-from tests.run_helpers import load_config
-from tests.test_train import _losses
+from tests.run_helpers import demo_losses_with_env
 
 # The zoo's stems: the 7x7/2 conv's and the 3x3 convs' outputs (64 channels; 128 for lvvit_l),
 # small batches and sides so that the test stays fast.
@@ -114,15 +112,7 @@ def test_model_outputs_and_gradients_do_not_depend_on_the_lowering(monkeypatch):
 
 @pytest.mark.slow
 def test_trainer_losses_do_not_depend_on_the_lowering(digits_data, tmp_path, monkeypatch):
-  # Six steps: Adam turns rounding in the BatchNorm biases' tiny gradients into full-size
-  # updates, so longer runs drift apart by more than rounding (1.3e-5 of a loss by step 10).
-  losses = {}
-  for lowering in ('1', '0'):
-    monkeypatch.setenv(cpu_lowering.ENV, lowering)
-    config = load_config('demo.py:stage=baseline,runlocal',
-                         **{'data.data_dir': digits_data['data_dir'], 'total_steps': 6,
-                            'log_every': 1, 'checkpoint_every': 6, 'eval_every': 6})
-    train.train_and_evaluate(config, str(tmp_path / lowering))
-    losses[lowering] = _losses(str(tmp_path / lowering))
+  losses = {v: demo_losses_with_env(digits_data, str(tmp_path / v), monkeypatch,
+                                    cpu_lowering.ENV, v) for v in ('1', '0')}
   assert len(losses['1']) == 6
   np.testing.assert_allclose(losses['1'], losses['0'], rtol=1e-5)

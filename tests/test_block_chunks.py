@@ -7,11 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvvit_jax import train
-from lvvit_jax.metrics import read_metrics
 from lvvit_jax.models import lowering
 from lvvit_jax.models import lvvit
-from tests.run_helpers import load_config
+from tests.run_helpers import demo_losses_with_env
 from tests.test_batch_norm import _rel
 
 
@@ -73,13 +71,7 @@ def test_parts_only_when_asked_where_they_divide_the_batch_and_with_the_lowering
 
 @pytest.mark.slow
 def test_trainer_losses_do_not_depend_on_the_parts(digits_data, tmp_path, monkeypatch):
-  losses = {}
-  for chunks in ('2', '1'):
-    monkeypatch.setenv(lowering.CHUNKS_ENV, chunks)
-    config = load_config('demo.py:stage=baseline,runlocal',
-                         **{'data.data_dir': digits_data['data_dir'], 'total_steps': 6,
-                            'log_every': 1, 'checkpoint_every': 6, 'eval_every': 6})
-    train.train_and_evaluate(config, str(tmp_path / chunks))
-    losses[chunks] = [r['loss'] for r in read_metrics(str(tmp_path / chunks)) if 'loss' in r]
+  losses = {v: demo_losses_with_env(digits_data, str(tmp_path / v), monkeypatch,
+                                    lowering.CHUNKS_ENV, v) for v in ('2', '1')}
   assert len(losses['2']) == 6
   np.testing.assert_allclose(losses['2'], losses['1'], rtol=1e-5)

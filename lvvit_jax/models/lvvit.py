@@ -229,7 +229,8 @@ class LVViT(nn.Module):
     """The blocks over (B, 1 + N, D) tokens; on XLA:CPU, when LVVIT_JAX_CPU_BLOCK_CHUNKS asks
     for it, over independent parts of the batch (`lowering.block_chunks`: every op of a block is
     per example, so only float rounding in the parameters' gradients, summed over the parts,
-    differs). Meant for one CPU device: on a mesh the parts are resharded, correct but slower."""
+    differs). Measured on one CPU device; on a mesh the parts are resharded (correct, its speed
+    not measured)."""
     chunks = lowering.block_chunks(x.shape[0])
     parts = []
     for part in (jnp.split(x, chunks) if chunks > 1 else [x]):

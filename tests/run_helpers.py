@@ -24,24 +24,6 @@ def load_config(spec: str, **overrides: Any) -> ml_collections.ConfigDict:
   return config
 
 
-def demo_losses_with_env(digits_data, workdir: str, monkeypatch, env: str, value: str,
-                         steps: int = 6):
-  """The losses of `steps` steps of the demo's baseline (runlocal) with `env`=`value`.
-
-  Six steps by default: Adam turns rounding in the BatchNorm biases' tiny gradients into
-  full-size updates, so longer runs drift apart by more than rounding (1.3e-5 of a loss by step
-  10), which is what the tests comparing two lowerings allow.
-  """
-  from lvvit_jax import train  # pylint: disable=g-import-not-at-top
-  from lvvit_jax.metrics import read_metrics  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(env, value)
-  config = load_config('demo.py:stage=baseline,runlocal',
-                       **{'data.data_dir': digits_data['data_dir'], 'total_steps': steps,
-                          'log_every': 1, 'checkpoint_every': steps, 'eval_every': steps})
-  train.train_and_evaluate(config, workdir)
-  return [r['loss'] for r in read_metrics(workdir) if 'loss' in r]
-
-
 def write_label_maps(source, out_dir: str, grid=(4, 4), k: int = 3, num_classes: int = 10,
                      seed: int = 0, dataset: str = None, split: str = None) -> str:
   """Score maps for every example of `source` whose top-1 everywhere is its label."""

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.device import device_line
 from lvvit_jax import checkpoints
 from lvvit_jax import optim
 from lvvit_jax import sharding
@@ -70,9 +71,8 @@ def main():
     if not args.dir:
       shutil.rmtree(base, ignore_errors=True)
 
-  dev = jax.devices()[0]
   b, t = statistics.median(blocked), statistics.median(total)
-  print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()} | {args.model}@{size} '
+  print(f'device: {device_line()} | {args.model}@{size} '
         f'{args.num_classes} classes | train state {nbytes / 2**20:.0f} MiB in memory, '
         f'{on_disk / 2**20:.0f} MiB on disk | median of {args.saves} saves')
   print(f'{"blocked in the loop (save)":34s} {b:8.3f} s')

@@ -242,6 +242,7 @@ def device_rows(args):
   """(augment_batch seconds at device_batch, update-step seconds at step_batch) on JAX's device."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks.device import device_line  # pylint: disable=g-import-not-at-top
   from benchmarks.model_step import time_fn  # pylint: disable=g-import-not-at-top
   from configs import lvvit as lvvit_config  # pylint: disable=g-import-not-at-top
   from lvvit_jax import augment as device_augment  # pylint: disable=g-import-not-at-top
@@ -288,8 +289,7 @@ def device_rows(args):
     return metrics
 
   t_step = time_fn(run, (), args.steps, 1)
-  dev = jax.devices()[0]
-  return t_aug, t_step, f'{dev.platform} {dev.device_kind} x{jax.device_count()}', config.model
+  return t_aug, t_step, device_line(), config.model
 
 
 def main():

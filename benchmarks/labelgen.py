@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from benchmarks.device import device_line
 from labelgen import generate
 from labelgen import settings
 from labelgen import teacher as teacher_lib
@@ -124,9 +125,8 @@ def main():
     summary = generate.generate(checkpoint, shards, os.path.join(tmp, 'maps'), crop=args.crop,
                                 k=args.k, batch_size=args.batch, dtype=dtype, progress=False,
                                 log=sys.stderr)
-  dev = jax.devices()[0]
   grid = summary.manifest.grid
-  print(f'device: {dev.platform} {dev.device_kind} x{jax.local_device_count()} | teacher '
+  print(f'device: {device_line(local=True)} | teacher '
         f'{args.model}@{args.size} (random init, {args.num_classes} classes) dtype {dtype} | '
         f'batch {args.batch} | {args.images} JPEGs ~500x375 q90 (mean {kb:.0f} KB), '
         f'crop {args.crop}')

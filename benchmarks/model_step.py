@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks.device import device_line
 from lvvit_jax.token_labeling import objective
 from lvvit_jax.models import create_model
 
@@ -71,8 +72,7 @@ def main():
     t = time_fn(fn, fn_args, args.steps, args.warmup)
     flops = compiled_flops(fn)
     results[name] = (b / t, flops / t / 1e12, t)
-  dev = jax.devices()[0]
-  print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()} | model {args.model} '
+  print(f'device: {device_line()} | model {args.model} '
         f'@{s} batch {b} dtype {args.dtype}')
   print(f'{"pass":<18} {"images/s":>10} {"TFLOP/s":>9} {"ms/step":>9}')
   for name, (ips, tflops, t) in results.items():

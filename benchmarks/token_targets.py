@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.device import device_line
 from benchmarks.model_step import time_fn
 from lvvit_jax import token_labeling as tl
 from lvvit_jax.models import create_model
@@ -104,8 +105,7 @@ def main():
   step = time_fn(train_grad, (variables, batch, key), args.steps, args.warmup)
   scaled = step * b / mb
 
-  device = f'{backend} {jax.devices()[0].device_kind} x{jax.device_count()}'
-  print(f'device: {device} | batch {b} | map {args.map}x{args.map}x{args.k} | K {kc} | '
+  print(f'device: {device_line()} | batch {b} | map {args.map}x{args.map}x{args.k} | K {kc} | '
         f'grid {g} | samples {args.samples} | model {args.model} ({dtype})')
   print(f'{"part":40s} {"ms":>10s} {"% of step":>10s}')
   for name, t in rows:

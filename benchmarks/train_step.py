@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.device import device_line
 from benchmarks.model_step import compiled_flops
 from benchmarks.model_step import time_fn
 from configs import demo as demo_config
@@ -236,12 +237,11 @@ def main():
     steps[torch_name] = torch_step
   t = alternate(steps, args.steps, args.warmup)
 
-  dev = jax.devices()[0]
   stem = config.model_overrides.get('stem_channels', 'default')
   dim = config.model_overrides.get('dim', 'default')
   chunks = lowering.block_chunks(batch)   # LVVIT_JAX_CPU_BLOCK_CHUNKS
   parts = f' | the blocks in {chunks} batch parts' if chunks > 1 else ''
-  print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()} | '
+  print(f'device: {device_line()} | '
         f'{args.preset or args.model}@{config.img_size} batch {batch} stem {stem} dim {dim} | '
         f'compute {dtype} | peak {peak:.2f} TFLOP/s ({how}) | medians of {args.steps} '
         f'alternating rounds | XLA_FLAGS {os.environ.get("XLA_FLAGS") or "(none)"}{parts}')

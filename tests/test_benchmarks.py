@@ -77,7 +77,8 @@ def test_train_step_benchmark_prints_images_per_second_mfu_and_the_torch_ratio()
   out = _run('-m', 'benchmarks.train_step', '--model', 'lvvit_t', '--img-size', '32',
              '--batch', '4', '--num-classes', '10', '--steps', '1', '--warmup', '1',
              '--variants', 'token-noaug', '--dim', '120')
-  assert re.search(r'^device: .*\| lvvit_t@32 batch 4 stem default dim 120 \|', out, re.M), out
+  assert re.search(r'^device: cpu cpu x\d+ \(.+, \d+ cores.*\) \| lvvit_t@32 batch 4 stem default '
+                   r'dim 120 \|', out, re.M), out
   rows = re.findall(r'^(JAX: [a-z ,]+?|PyTorch .*?) +([0-9.]+) +([0-9]+) ', out, re.M)
   assert [r[0] for r in rows] == ['JAX: token labels, no augmentation',
                                   'PyTorch (tests/torch_lvvit.py), fwd+bwd+AdamW'], out

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import platform
 
-import jax
-
 CPUINFO = '/proc/cpuinfo'
 # Widest first: the first of these in the CPU's flags is the one named.
 _VECTOR_FLAGS = (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('avx', 'AVX'), ('sse4_2', 'SSE4.2'),
@@ -42,7 +40,9 @@ def cpu_name(cpuinfo: str = CPUINFO) -> str:
 
 def device_line(local: bool = False) -> str:
   """'cpu cpu x1 (AMD EPYC, 2 cores, AVX2)' or 'gpu NVIDIA H100 80GB HBM3 x8': platform, device
-  kind and count (this process's devices with `local`, else all), and on CPU which CPU."""
+  kind and count (this process's devices with `local`, else all), and on CPU which CPU. (JAX is
+  imported here, so that the host rows of benchmarks.input_pipeline name the CPU without it.)"""
+  import jax  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   count = jax.local_device_count() if local else jax.device_count()
   line = f'{dev.platform} {dev.device_kind} x{count}'

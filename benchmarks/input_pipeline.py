@@ -46,7 +46,6 @@ import argparse
 import dataclasses
 import io
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -60,6 +59,8 @@ from PIL import Image
 import tensorflow as tf
 
 from benchmarks import pil_augment
+from benchmarks.device import cpu_name
+from benchmarks.device import device_line
 from lvvit_jax.data import augment
 from lvvit_jax.data import pairs
 from lvvit_jax.data import pipeline
@@ -242,7 +243,6 @@ def device_rows(args):
   """(augment_batch seconds at device_batch, update-step seconds at step_batch) on JAX's device."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from benchmarks.device import device_line  # pylint: disable=g-import-not-at-top
   from benchmarks.model_step import time_fn  # pylint: disable=g-import-not-at-top
   from configs import lvvit as lvvit_config  # pylint: disable=g-import-not-at-top
   from lvvit_jax import augment as device_augment  # pylint: disable=g-import-not-at-top
@@ -314,7 +314,7 @@ def main():
 
   ratio = lambda a, b: rows[a][1] / rows[b][1]  # noqa: E731  per CPU-second
   lines = [
-      f'host: cpu {platform.processor() or platform.machine()} x{cores} | tensorflow '
+      f'host: {cpu_name()} | tensorflow '
       f'{tf.__version__} | {args.num_images} JPEGs: crops of sklearn sample photos, ~500x375 '
       f'q90, mean {kb:.0f} KB | output {args.image_size}px, batch {args.batch}',
       f'{"host (tf.data unless PIL)":44s} {"threads":>7s} {"images/s":>9s} '
